@@ -1,0 +1,42 @@
+# StepsLab. `make demo` sets up and runs the main job; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROBE := $(VENV)/bin/probe
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data test demo bench figures ui clean
+
+setup: $(VENV)/.installed data
+
+# torch+torchvision first (pip takes them from local disk), then everything else constrained to them.
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]" -c constraints.txt
+	touch $@
+
+# The embedded default dataset: Fashion-MNIST from Debian's package (original IDX files, MIT).
+data:
+	@test -d $(FASHION_MNIST) || { $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }; }
+	@test -d $(FASHION_MNIST) && echo "Fashion-MNIST: $(FASHION_MNIST)"
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	$(PROBE) demo
+
+bench: setup
+	$(PY) experiments/bench.py
+
+figures: setup
+	$(PROBE) figures
+
+ui: setup
+	$(PROBE) ui
+
+clean:
+	rm -rf $(VENV) build *.egg-info
