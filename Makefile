@@ -6,7 +6,7 @@ PROBE := $(VENV)/bin/probe
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data test demo bench figures ui clean
+.PHONY: setup data test demo bench figures figures-data ui clean
 
 setup: $(VENV)/.installed data
 
@@ -34,6 +34,17 @@ bench: setup
 
 figures: setup
 	$(PROBE) figures
+
+# The small CPU experiments behind every figure (each makes new MLflow runs); then `make figures`.
+figures-data: setup
+	$(PROBE) study shortcut
+	$(PROBE) study degradation
+	$(PROBE) study gradients
+	$(PROBE) demo
+	$(PROBE) run --model steps_deit_micro --layers all
+	$(PROBE) run --model deit_micro --layers all
+	$(PROBE) attribute --model steps_deit_micro
+	$(PY) experiments/bench.py
 
 ui: setup
 	$(PROBE) ui

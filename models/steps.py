@@ -127,8 +127,24 @@ class StepsStack(nn.Module):
         return [block for step in self.steps for block in step.blocks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, start = None, 0
-        for step, width in zip(self.steps, self.widths):
-            y = step(y, x.narrow(self.channel_dim, start, width - start))
-            start = width
+        # One split into views (its backward is one concatenation of the groups' gradients; a `narrow` per
+        # step would instead zero-fill a full-width gradient per step and add them up). The first group goes
+        # in as a dense copy: its blocks would copy the strided view anyway (LayerNorm, conv), once forward
+        # and again in backward; later groups are copied by the step's one concatenation.
+        groups = x.split(self.group_sizes, self.channel_dim)
+        y = None
+        for i, (step, x_i) in enumerate(zip(self.steps, groups)):
+            y = step(y, _dense(x_i) if i == 0 else x_i)
         return y
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Channels d_i = C_i - C_{i-1} of each fresh group x_i."""
+        return [b - a for a, b in zip([0] + self.widths[:-1], self.widths)]
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a dense tensor in its own memory layout (channels_last stays channels_last; a no-op if dense)."""
+    if t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1:  # a channel slice of an NHWC (channels_last) map
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()

@@ -1,0 +1,743 @@
+"""Train a StepsLab model on fine labels: one plain loop, resumable, tracked in MLflow, frozen at the end.
+
+    python -m experiments.train --model steps_deit_micro --epochs 5          # or: probe train ...
+    torchrun --nproc_per_node=K -m experiments.train --model steps_deit_t ... # DDP, one process per GPU
+
+The loop: AdamW (no weight decay on norms, biases, position embeddings and tokens), per-step linear warmup then
+cosine, cross-entropy with label smoothing, gradient clipping, drop-path through the model, random translation
+(and horizontal flip where the dataset allows it) with `augment_batch`. On CUDA: bf16 autocast, channels_last
+for ResNets, optional `torch.compile`.
+
+Reproducibility: `seed` fixes the initial weights (seeded right before the model is built), the `limit`
+subsets, and per epoch the data order, the augmentation draws and the global RNG (drop-path), each from a seed
+mixed from (seed, epoch, stream[, rank]). A checkpoint (`<checkpoint_dir>/<model>-<dataset>-seed<seed>/last.pt`,
+written atomically after every epoch and when `max_steps` stops the run) holds weights, optimizer state, step
+counters and the RNG states, so a resumed run ends with the same weights, bit for bit on CPU, as one that was
+never stopped. `batch_size` is per process: under torchrun the global batch is batch_size x world size, each
+rank taking a disjoint strided shard of the epoch's order. A DDP resume restores rank 0's RNG state on every
+rank, so it is exact only at an epoch boundary.
+
+MLflow (kind "train", rank 0 only) is imported inside `train()`, so `fit()` runs where only torch, timm, numpy
+and tqdm are installed (experiments/gpu_check.py).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+# Idle OpenMP threads sleep instead of spinning: with spinning, a CPU shared with other work (tests in parallel,
+# a second training) runs torch's many small ops up to 10x slower. Must be set before torch loads OpenMP; an
+# explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import models  # noqa: E402
+from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, load_dataset  # noqa: E402
+
+__all__ = ["TrainConfig", "TrainResult", "TrainState", "Dist", "train", "fit", "evaluate", "build_model",
+           "model_kwargs", "make_optimizer", "lr_at", "load_data", "resolve_device", "checkpoint_path",
+           "load_checkpoint", "steps_per_epoch", "run_demo"]
+
+CHECKPOINT_FORMAT = 1
+MIN_LR_FRACTION = 0.01       # cosine ends at lr * this
+AUGMENT_PAD = 2              # translation by up to +-2 px
+ARTIFACT_LIMIT_BYTES = 200 * 2**20
+NO_FLIP_DATASETS = ("hierarchy",)  # diagonal stripes are a class; a flip would turn them into the other diagonal
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token")
+# Resuming with a different value of these would change the data, the model or the step count per epoch.
+RESUME_FIXED = ("model", "dataset", "limit", "seed", "batch_size", "augment", "data_options",
+                "model_kwargs")
+_STREAM_ORDER, _STREAM_AUGMENT, _STREAM_GLOBAL = 1, 2, 3
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; logged as the MLflow params and stored in the checkpoint."""
+
+    model: str = "steps_deit_micro"
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    epochs: int = 5
+    batch_size: int = 128          # per process
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_grad: float = 1.0         # max grad norm; 0 turns clipping off
+    drop_path: float = 0.0
+    limit: int | None = None       # class-stratified train subset (load_dataset limit)
+    test_limit: int | None = None  # class-stratified test subset
+    seed: int = 0
+    device: str = "auto"           # auto (CUDA when present), cpu, cuda, cuda:N
+    compile: bool = False
+    augment: bool = True
+    checkpoint_dir: str = "checkpoints"
+    resume: bool = False
+    register: bool = True
+    max_steps: int | None = None   # stop after this many optimizer steps in total (checkpointed, resumable)
+    log_every: int = 20            # optimizer steps per logged train loss / lr / images/s
+    data_options: dict = field(default_factory=dict)   # load_dataset options, e.g. hierarchy n / img_size
+    model_kwargs: dict = field(default_factory=dict)   # extra create_model kwargs, e.g. patch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What `train()` returns. On ranks other than 0: no run id, no metrics."""
+
+    run_id: str | None
+    model_uri: str | None
+    metrics: dict
+    checkpoint: Path
+    complete: bool = True          # False when max_steps stopped the run before the last epoch ended
+    tracking_uri: str | None = None
+    config: TrainConfig | None = None
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model, on CPU, eval mode
+
+
+@dataclass
+class TrainState:
+    """Where training stands. `model` is the bare module; `net` is what trains (DDP and/or compiled wrapper)."""
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0                  # optimizer steps done
+    epoch: int = 0                 # epochs finished
+    epoch_step: int = 0            # steps done in the unfinished epoch
+    epoch_loss: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # its sum
+    augment_state: torch.Tensor | None = None   # augmentation generator state, mid-epoch only
+    history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
+    train_time_s: float = 0.0      # seconds spent in training steps (no evaluation, no checkpoints)
+    images: int = 0                # images trained on by this process
+
+
+HISTORY_KEYS = ("epoch", "step", "train_loss", "test_loss", "fine_acc", "coarse_acc")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cheap checks of `cfg` before any data or model is touched; raises ValueError (one line)."""
+    models.registry.check_name(cfg.model)
+    if cfg.dataset not in DATASETS:
+        raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    checks = [("epochs", cfg.epochs >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+              ("lr", cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+              ("warmup_epochs", cfg.warmup_epochs >= 0, ">= 0"),
+              ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
+              ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("drop_path", 0 <= cfg.drop_path < 1, "in [0, 1)"),
+              ("seed", cfg.seed >= 0, ">= 0"), ("log_every", cfg.log_every >= 1, ">= 1"),
+              ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 or None")]
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {getattr(cfg, name)!r}")
+    resolve_device(cfg.device)
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local_rank> when CUDA is present, else cpu; 'cpu', 'cuda', 'cuda:N' as given."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"unknown device {spec!r}; allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {spec!r}; allowed: auto, cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r}: CUDA is not available here; use --device cpu or auto")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun job named by env RANK / WORLD_SIZE (nccl on CUDA, gloo on CPU), if there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), resolve_device(device_spec)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             **({"device_id": device} if device.type == "cuda" else {}))
+    return Dist(rank, world, local_rank), device
+
+
+def load_data(cfg: TrainConfig) -> tuple[LabeledImages, LabeledImages]:
+    """The train split (`limit` subset) and the test split (`test_limit` subset), seeded by `cfg.seed`."""
+    train_ds = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed,
+                            **cfg.data_options)
+    test_ds = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, limit=cfg.test_limit, seed=cfg.seed,
+                           **cfg.data_options)
+    return train_ds, test_ds
+
+
+def model_kwargs(cfg: TrainConfig, ds: LabeledImages) -> dict:
+    """create_model kwargs that fit `ds` (classes, channels, image size for DeiT/Swin), plus cfg.model_kwargs."""
+    kwargs: dict[str, Any] = {"num_classes": ds.num_fine, "in_chans": ds.in_chans}
+    if models.family_of(cfg.model) in ("deit", "swin"):
+        kwargs["img_size"] = ds.img_size
+    kwargs.update(cfg.model_kwargs)
+    return kwargs
+
+
+def build_model(cfg: TrainConfig, ds: LabeledImages) -> nn.Module:
+    """The model of `cfg` for `ds`, with drop-path rate `cfg.drop_path` (init uses torch's global RNG)."""
+    return models.create_model(cfg.model, drop_path_rate=cfg.drop_path, **model_kwargs(cfg, ds))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay for matrices and kernels, none for norms, biases, embeddings, tokens."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = p.ndim <= 1 or name in skip or any(k in name for k in (*NO_DECAY_NAMES, *keywords))
+        (no_decay if plain else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), **({"fused": True} if fused else {}))
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Full batches per epoch and process (the tail of the shuffled order that fills no batch is dropped)."""
+    return (n // world_size) // batch_size
+
+
+def lr_at(step: int, cfg: TrainConfig, spe: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to lr * MIN_LR_FRACTION."""
+    total = cfg.epochs * spe
+    warm = min(round(cfg.warmup_epochs * spe), total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    low = cfg.lr * MIN_LR_FRACTION
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _mix(*keys: int) -> int:
+    """A 63-bit seed from several integers (seed, epoch, stream, rank): no collisions like seed + epoch has."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def epoch_order(n: int, cfg: TrainConfig, epoch: int, dist: Dist = Dist()) -> torch.Tensor:
+    """This rank's example indices for `epoch`, batch after batch: a strided shard of the seeded permutation."""
+    g = torch.Generator().manual_seed(_mix(cfg.seed, epoch, _STREAM_ORDER))
+    order = torch.randperm(n, generator=g)[dist.rank::dist.world_size]
+    return order[:steps_per_epoch(n, cfg.batch_size, dist.world_size) * cfg.batch_size]
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def prepare(cfg: TrainConfig, train_ds: LabeledImages, device: torch.device, dist: Dist = Dist()) -> TrainState:
+    """Seed, build the model on `device` and its optimizer, wrap for DDP / compile: a fresh TrainState."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, train_ds)
+    if device.type == "cuda" and models.family_of(cfg.model) == "resnet":
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
+    net = model
+    if dist.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    return TrainState(model=model, net=net, optimizer=optimizer)
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: LabeledImages, device: torch.device | str, batch_size: int = 256) -> dict:
+    """Test-set fine top-1, coarse top-1 and mean cross-entropy (no smoothing) of `model` on `ds`.
+
+    The coarse prediction is the argmax of the fine probabilities summed per coarse group (`fine_to_coarse`).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    f2c = torch.tensor(ds.fine_to_coarse, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    fine_ok = torch.zeros((), dtype=torch.int64, device=device)
+    coarse_ok = torch.zeros((), dtype=torch.int64, device=device)
+    for x, fine, coarse in batches(ds, batch_size, shuffle=False, device=device):
+        with _autocast(device):
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, fine, reduction="sum")
+        probs = logits.softmax(-1)
+        coarse_probs = torch.zeros(len(x), ds.num_coarse, device=device).index_add_(1, f2c, probs)
+        fine_ok += (logits.argmax(-1) == fine).sum()
+        coarse_ok += (coarse_probs.argmax(-1) == coarse).sum()
+    model.train(was_training)
+    n = max(1, len(ds))
+    return {"fine_acc": fine_ok.item() / n, "coarse_acc": coarse_ok.item() / n, "loss": loss.item() / n}
+
+
+def _stop_reason(cfg: TrainConfig, state: TrainState, deadline: float | None) -> str | None:
+    if cfg.max_steps is not None and state.step >= cfg.max_steps:
+        return f"max_steps {cfg.max_steps}"
+    if deadline is not None and time.perf_counter() >= deadline:
+        return "time limit"
+    return None
+
+
+def _start_epoch(cfg: TrainConfig, state: TrainState, epoch: int, dist: Dist, gen: torch.Generator) -> None:
+    """Seed the augmentation generator and the global RNG for `epoch`, or restore them mid-epoch."""
+    if state.epoch_step == 0:
+        gen.manual_seed(_mix(cfg.seed, epoch, _STREAM_AUGMENT, dist.rank))
+        torch.manual_seed(_mix(cfg.seed, epoch, _STREAM_GLOBAL, dist.rank))
+        state.epoch_loss = torch.zeros((), dtype=torch.float64)
+    elif state.augment_state is not None:  # resumed mid-epoch: the global RNG came with the checkpoint
+        gen.set_state(state.augment_state)
+    state.augment_state = None
+
+
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float, cfg: TrainConfig,
+               device: torch.device) -> torch.Tensor:
+    """One optimizer step at learning rate `lr`; returns the batch loss (float64, detached, on `device`)."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    with _autocast(device):
+        loss = F.cross_entropy(state.net(x).float(), y, label_smoothing=cfg.label_smoothing)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad > 0:
+        nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad)
+    state.optimizer.step()
+    return loss.detach().double()
+
+
+def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages, device: torch.device, dist: Dist = Dist(),
+        *, on_log: Callable[[dict, int], None] | None = None,
+        on_epoch: Callable[[TrainState, float], None] | None = None,
+        time_limit_s: float | None = None, progress: bool = True) -> str | None:
+    """Train `state` from where it stands to the end of epoch `cfg.epochs`.
+
+    Stops early at `cfg.max_steps` or after `time_limit_s` seconds, leaving `state` mid-epoch with the
+    augmentation generator state saved, so it can be checkpointed and resumed. Calls `on_log(metrics, step)`
+    every `cfg.log_every` steps (train loss, lr, images/s) and `on_epoch(state, train_loss)` after each epoch.
+    Returns None when all epochs are done, else why it stopped.
+    """
+    spe = steps_per_epoch(len(train_ds), cfg.batch_size, dist.world_size)
+    if spe < 1:
+        raise ValueError(f"{len(train_ds)} training images make no batch of {cfg.batch_size} per process"
+                         f" ({dist.world_size} processes); lower batch_size or raise limit")
+    images, fine = train_ds.images.to(device), train_ds.fine.to(device)
+    flip = train_ds.name not in NO_FLIP_DATASETS
+    channels_last = device.type == "cuda" and models.family_of(cfg.model) == "resnet"
+    gen = torch.Generator(device=device)
+    deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
+    show = progress and dist.main
+    bar_epochs = tqdm(range(state.epoch, cfg.epochs), desc=cfg.model, unit="epoch", initial=state.epoch,
+                      total=cfg.epochs, disable=None if show else True, leave=False)
+    state.net.train()
+    for epoch in bar_epochs:
+        _start_epoch(cfg, state, epoch, dist, gen)
+        order = epoch_order(len(train_ds), cfg, epoch, dist).to(device)
+        bar = tqdm(total=spe, initial=state.epoch_step, desc=f"epoch {epoch + 1}", unit="step", leave=False,
+                   disable=None if show else True)
+        interval_loss = torch.zeros((), dtype=torch.float64, device=device)
+        interval_steps, t_log = 0, time.perf_counter()
+        t_seg = t_log  # training time is added up at points where the GPU has caught up
+        for i in range(state.epoch_step, spe):
+            if (reason := _stop_reason(cfg, state, deadline)) is not None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                state.train_time_s += time.perf_counter() - t_seg
+                state.augment_state = gen.get_state()
+                bar.close()
+                return reason
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x, y = train_ds.normalise(images[idx]), fine[idx]
+            if cfg.augment:
+                x = augment_batch(x, gen, pad=AUGMENT_PAD, flip=flip)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(state.step, cfg, spe)
+            loss = train_step(state, x, y, lr, cfg, device)
+            interval_loss += loss
+            state.epoch_loss = state.epoch_loss.to(device) + loss
+            state.step, state.epoch_step = state.step + 1, i + 1
+            state.images += len(idx)
+            interval_steps += 1
+            if state.step % cfg.log_every == 0 or i + 1 == spe:
+                mean = interval_loss.item() / interval_steps  # waits for the GPU
+                now = time.perf_counter()
+                state.train_time_s += now - t_seg
+                ips = interval_steps * cfg.batch_size * dist.world_size / max(now - t_log, 1e-9)
+                if on_log is not None:
+                    on_log({"train/loss": mean, "train/lr": lr, "train/images_per_s": ips}, state.step)
+                bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                interval_loss.zero_()
+                interval_steps, t_log = 0, time.perf_counter()
+                t_seg = t_log
+            bar.update(1)
+        bar.close()
+        train_loss = state.epoch_loss.item() / spe
+        state.epoch, state.epoch_step = epoch + 1, 0
+        if on_epoch is not None:
+            on_epoch(state, train_loss)
+    bar_epochs.close()
+    return _stop_reason(cfg, state, None) if state.epoch < cfg.epochs else None
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_path(cfg: TrainConfig) -> Path:
+    """`<checkpoint_dir>/<model>-<dataset>-seed<seed>/last.pt`."""
+    return Path(cfg.checkpoint_dir) / f"{cfg.model}-{cfg.dataset}-seed{cfg.seed}" / "last.pt"
+
+
+def _rng_states(device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, run_id: str | None, dist: Dist,
+                    device: torch.device) -> None:
+    """Write the checkpoint atomically: a temp file in the same folder, then os.replace."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "step": state.step, "epoch": state.epoch, "epoch_step": state.epoch_step,
+        "epoch_loss": state.epoch_loss.detach().cpu(),
+        "augment_state": state.augment_state,
+        "rng": _rng_states(device),
+        "history": state.history,
+        "train_time_s": state.train_time_s, "images": state.images,
+        "config": cfg.to_dict(), "run_id": run_id, "world_size": dist.world_size,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".last-", suffix=".pt.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """Read a checkpoint with `torch.load(weights_only=True)`; one-line errors for a missing or bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from at {path} (train once without --resume, or pass"
+                                " the --checkpoint-dir and --seed that run used)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, not a torch file, unpickling refused
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"checkpoint {path} does not load ({first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a StepsLab training checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def _check_resume(cfg: TrainConfig, ckpt: dict, path: Path, dist: Dist) -> None:
+    """Refuse a resume whose data, model or steps per epoch would differ; warn about other changed values."""
+    old = ckpt["config"]
+    for key in RESUME_FIXED:
+        if old.get(key) != getattr(cfg, key):
+            raise ValueError(f"checkpoint {path} was trained with {key}={old.get(key)!r}, not"
+                             f" {getattr(cfg, key)!r}; resume with the same value")
+    if ckpt["world_size"] != dist.world_size and ckpt["epoch_step"]:
+        raise ValueError(f"checkpoint {path} stopped mid-epoch with {ckpt['world_size']} processes; resume with"
+                         f" the same number, not {dist.world_size}")
+    changed = [k for k, v in old.items() if k not in ("resume", "max_steps") and getattr(cfg, k, v) != v]
+    if changed:
+        warnings.warn(f"resuming {path} with changed {', '.join(changed)}: training goes on with the new values",
+                      stacklevel=3)
+
+
+def restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
+    """Load weights, optimizer, counters and RNG states of `ckpt` into `state`."""
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.step, state.epoch, state.epoch_step = ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]
+    state.epoch_loss = ckpt["epoch_loss"].to(torch.float64)
+    state.augment_state = ckpt["augment_state"]
+    state.history = {k: list(ckpt["history"].get(k, [])) for k in HISTORY_KEYS}
+    state.train_time_s, state.images = float(ckpt["train_time_s"]), int(ckpt["images"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+
+
+# -------------------------------------------------------------------------------------------- tracking
+
+
+def _tags(cfg: TrainConfig, model: nn.Module, train_ds: LabeledImages, test_ds: LabeledImages,
+          device: torch.device, dist: Dist) -> dict:
+    widths = getattr(model, "step_widths", None) if models.is_steps(cfg.model) else None
+    return {
+        "stepslab.model": cfg.model, "stepslab.family": models.family_of(cfg.model),
+        "stepslab.steps": "baseline" if widths is None else json.dumps(widths),
+        "stepslab.dataset": cfg.dataset, "stepslab.dataset_fingerprint": train_ds.fingerprint,
+        "stepslab.test_fingerprint": test_ds.fingerprint,
+        "stepslab.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "stepslab.world_size": str(dist.world_size),
+    }
+
+
+def _params(cfg: TrainConfig) -> dict:
+    params = cfg.to_dict()
+    params.pop("resume")  # an action, not a setting: logging it would flag every resume as a changed param
+    return params
+
+
+def model_info(cfg: TrainConfig, train_ds: LabeledImages, metrics: dict) -> dict:
+    """What a frozen model needs to be rebuilt and read: name, create kwargs, data, labels, seed, results."""
+    return {
+        "model": cfg.model, "create_kwargs": model_kwargs(cfg, train_ds), "dataset": cfg.dataset,
+        "dataset_fingerprint": train_ds.fingerprint, "num_fine": train_ds.num_fine,
+        "num_coarse": train_ds.num_coarse, "fine_to_coarse": train_ds.fine_to_coarse,
+        "fine_names": train_ds.fine_names, "coarse_names": train_ds.coarse_names,
+        "mean": list(train_ds.mean), "std": list(train_ds.std), "img_size": train_ds.img_size,
+        "in_chans": train_ds.in_chans, "seed": cfg.seed, "metrics": metrics,
+    }
+
+
+def learning_curve(history: dict, title: str):
+    """A matplotlib Figure (no pyplot, so no GUI backend): losses and accuracies per epoch."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    ep = history["epoch"]
+    ax_loss.plot(ep, history["train_loss"], "o-", label="train (smoothed labels)")
+    ax_loss.plot(ep, history["test_loss"], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.plot(ep, history["fine_acc"], "o-", label="fine")
+    ax_acc.plot(ep, history["coarse_acc"], "o-", label="coarse")
+    ax_acc.set(xlabel="epoch", ylabel="test top-1", title="accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return fig
+
+
+def _log_final_artifacts(tracking, state: TrainState, path: Path, cfg: TrainConfig) -> None:
+    import mlflow
+
+    if state.history["epoch"]:
+        tracking.log_figure(learning_curve(state.history, f"{cfg.model} on {cfg.dataset} (seed {cfg.seed})"),
+                            "learning_curve.png")
+    mlflow.set_tag("stepslab.checkpoint", str(path.resolve()))
+    if path.is_file() and path.stat().st_size < ARTIFACT_LIMIT_BYTES:
+        mlflow.log_artifact(str(path), "checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def _echo(msg: str, dist: Dist) -> None:
+    if dist.main:
+        tqdm.write(msg, file=sys.stderr)
+
+
+def train(cfg: TrainConfig, tracking_uri: str | None = None) -> TrainResult:
+    """Train `cfg.model` on `cfg.dataset` as one MLflow run (kind "train"), checkpointing every epoch.
+
+    Order of work: check the config, find the checkpoint (`resume`), check that the tracking store answers,
+    then load data and train. Ends with a test evaluation and, with `cfg.register`, the frozen model in the
+    registry as ``<model>-<dataset>@frozen``. Ctrl-C / SIGTERM leaves the last epoch's checkpoint and marks the
+    run KILLED; an exception marks it FAILED. Under torchrun (env WORLD_SIZE > 1) runs DDP: rank 0 alone
+    tracks, checkpoints, evaluates and registers.
+    """
+    validate(cfg)
+    joined_before = torch.distributed.is_available() and torch.distributed.is_initialized()
+    dist, device = init_distributed(cfg.device)
+    try:
+        return _train(cfg, tracking_uri, dist, device)
+    finally:  # leave a process group the caller made alone
+        if dist.world_size > 1 and not joined_before and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch.device) -> TrainResult:
+    path = checkpoint_path(cfg)
+    ckpt = load_checkpoint(path) if cfg.resume else None
+    if ckpt is not None:
+        _check_resume(cfg, ckpt, path, dist)
+    tracking = uri = None
+    if dist.main:
+        from experiments import tracking  # noqa: F811  (lazy: fit() must run without mlflow)
+        uri = tracking.configure(tracking_uri)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    train_ds, test_ds = load_data(cfg)
+    state = prepare(cfg, train_ds, device, dist)
+    if ckpt is not None:
+        restore(state, ckpt, device)
+    run_ctx = contextlib.nullcontext(None)
+    if dist.main:
+        run_ctx = tracking.tracked_run("train", _params(cfg), tags=_tags(cfg, state.model, train_ds, test_ds,
+                                                                           device, dist),
+                                       run_id=ckpt["run_id"] if ckpt is not None else None)
+    with run_ctx as run:
+        run_id = run.info.run_id if run is not None else None
+        if run is not None:
+            if ckpt is not None:
+                _echo(f"resuming run {run_id} from {path} (epoch {state.epoch}, step {state.step})", dist)
+                tracking.log_metrics({"resumed_at_step": state.step}, step=state.step)
+            tracking.log_dict_artifact(cfg.to_dict(), "config.json")
+        on_log = tracking.log_metrics if run is not None else None
+
+        def on_epoch(st: TrainState, train_loss: float) -> None:
+            if not dist.main:
+                return
+            ev = evaluate(st.model, test_ds, device)
+            for key, value in zip(HISTORY_KEYS, (st.epoch, st.step, train_loss, ev["loss"], ev["fine_acc"],
+                                                 ev["coarse_acc"])):
+                st.history[key].append(value)
+            tracking.log_metrics({"epoch/train_loss": train_loss, "epoch/test_loss": ev["loss"],
+                                  "epoch/test_fine_acc": ev["fine_acc"],
+                                  "epoch/test_coarse_acc": ev["coarse_acc"]}, step=st.epoch)
+            save_checkpoint(path, st, cfg, run_id, dist, device)
+            _echo(f"{cfg.model} epoch {st.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, test loss"
+                  f" {ev['loss']:.4f}, fine acc {ev['fine_acc']:.4f}, coarse acc {ev['coarse_acc']:.4f}", dist)
+
+        stopped = fit(cfg, state, train_ds, device, dist, on_log=on_log, on_epoch=on_epoch)
+        if dist.world_size > 1:
+            torch.distributed.barrier()
+        if not dist.main:
+            state.model.to("cpu", memory_format=torch.contiguous_format).eval()
+            return TrainResult(None, None, {}, path, stopped is None, None, cfg, state.model)
+        if stopped is not None:
+            save_checkpoint(path, state, cfg, run_id, dist, device)
+            _echo(f"stopped at step {state.step} ({stopped}); checkpoint {path}; continue with --resume", dist)
+        h = state.history
+        if stopped is None and h["epoch"] and h["epoch"][-1] == state.epoch:  # evaluated at the last epoch
+            final = {"fine_acc": h["fine_acc"][-1], "coarse_acc": h["coarse_acc"][-1], "loss": h["test_loss"][-1]}
+        else:
+            final = evaluate(state.model, test_ds, device)
+        state.model.to("cpu", memory_format=torch.contiguous_format).eval()
+        metrics = {"fine_acc": final["fine_acc"], "coarse_acc": final["coarse_acc"], "test_loss": final["loss"],
+                   "train_loss": state.history["train_loss"][-1] if state.history["train_loss"] else float("nan"),
+                   "epochs": state.epoch + state.epoch_step / max(1, steps_per_epoch(
+                       len(train_ds), cfg.batch_size, dist.world_size)),
+                   "steps": state.step, "train_time_s": state.train_time_s,
+                   "images_per_s": state.images * dist.world_size / max(state.train_time_s, 1e-9)}
+        tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=state.step)
+        _log_final_artifacts(tracking, state, path, cfg)
+        model_uri = None
+        if cfg.register and stopped is None:
+            model_uri = tracking.register_frozen(state.model, f"{cfg.model}-{cfg.dataset}",
+                                                 model_info=model_info(cfg, train_ds, metrics))
+    return TrainResult(run_id, model_uri, metrics, path, stopped is None, uri, cfg, state.model)
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def run_demo(tracking_uri: str | None = None, *, limit: int = 4000, test_limit: int = 1000, epochs: int = 3,
+             seed: int = 0, checkpoint_dir: str = "checkpoints", device: str = "auto",
+             names: Sequence[str] = ("steps_deit_micro", "deit_micro")) -> list[TrainResult]:
+    """The README's main job: train Steps-DeiT-micro and its DeiT baseline on a Fashion-MNIST subset, freeze both.
+
+    Tuned for a short CPU budget (about 3 minutes for both on 2 cores): batch 32, lr 1.5e-3, short warmup and no
+    augmentation, which only pays off in longer runs (with it, 3 epochs end near 0.46 fine accuracy instead of
+    0.67; lr 2e-3 with augmentation diverged once).
+    """
+    results = []
+    for name in names:
+        cfg = TrainConfig(model=name, dataset="fashion_mnist", epochs=epochs, batch_size=32, lr=1.5e-3,
+                          warmup_epochs=0.3, augment=False, limit=limit, test_limit=test_limit, seed=seed,
+                          device=device, checkpoint_dir=checkpoint_dir)
+        results.append(train(cfg, tracking_uri))
+    return results
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, str | None]:
+    """Command-line flags generated from TrainConfig's fields (`--batch-size`, `--no-augment`, ...)."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, dict):
+            parser.add_argument(flag, type=json.loads, default=default, help="JSON object")
+        elif f.name in ("limit", "test_limit", "max_steps"):
+            parser.add_argument(flag, type=int, default=default)
+        elif f.name == "data_dir":
+            parser.add_argument(flag, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    parser.add_argument("--tracking-uri", default=None)
+    args = vars(parser.parse_args(argv))
+    uri = args.pop("tracking_uri")
+    return TrainConfig(**args), uri
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, uri = parse_args(argv)
+    try:
+        result = train(cfg, uri)
+    except Exception as exc:  # the user errors the CLI prints as one line; anything else is a bug: traceback
+        if not (isinstance(exc, (ValueError, FileNotFoundError)) or type(exc).__name__ == "TrackingError"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.run_id is not None:
+        print(json.dumps({"run_id": result.run_id, "model_uri": result.model_uri, "metrics": result.metrics,
+                          "checkpoint": str(result.checkpoint)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

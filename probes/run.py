@@ -1,0 +1,338 @@
+"""`probe run`: linear probes on the slow and fast paths of a frozen model, one MLflow run (kind ``probe``).
+
+Paths (``--path``): Steps models ``slow`` (features ``slow_path``), ``fast`` (``fast_path``), ``full`` (``final``),
+``all`` (the three). Baselines have no paths: ``full``, ``matched`` (their final channels split at the paired Steps
+model's widths: ``matched.contiguous.slow|fast`` and ``matched.random{r}.slow|fast``), ``all`` (full + matched);
+``slow``/``fast`` on a baseline is an error that points at ``matched``. Levels (``--level``): ``coarse``, ``fine``,
+``both`` (coarse + fine), ``detail`` (fine labels within each coarse group), ``all``. Features come from
+`probes.features.extract` (train split fits the probes, test split scores them).
+
+Metric names (figures read these; <path> as in the table: slow, fast, full, matched.contiguous.slow, ...):
+    acc.<path>.<level>                     test top-1; .ci_low / .ci_high = 95% bootstrap CI over test images
+    bal_acc.<path>.<level>                 balanced accuracy
+    xent.<path>.<level>                    probe cross-entropy on test, nats per image
+    mdl.<path>.<level>                     online (prequential) code length of the train labels, bits
+    mdl_ratio.<path>.<level>               that code length / the uniform code n log2 K (lower = more compressible)
+    acc_pca.<path>.<level>                 accuracy on the top k_eq principal components (width fairness)
+    acc_rand.<path>.<level>                accuracy on k_eq random channels, mean of 3 seeded draws
+                                           (k_eq = the narrower path's width; column k_eq of results.csv)
+    curve.<path>.<level>                   accuracy on k random channels (one seeded draw), step = k, k = 1, 4, 16,
+                                           ..., width (small-probe curve)
+    acc.<path>.detail.<group>              within-group accuracy per coarse group (groups with >= 2 fine classes);
+                                           acc.<path>.detail pools the groups' test images (bal_acc: mean of groups)
+    dol.acc (.ci_low, .ci_high)            division of labour on accuracy: (slow-fast | coarse) - (slow-fast | fine);
+                                           positive = the paper's claim. Baselines: on matched.contiguous (= null)
+    dol.mdl (.ci_low, .ci_high)            the same on MDL, per example -(code length / log2 K): positive = claim
+    dol.acc_pca, dol.acc_rand (+ CIs)      the same on the equal-width controls
+    dol.acc.detail (+ CIs)                 with within-group detail in place of fine
+    dol.acc.random{r} (+ CIs), dol.acc.detail.random{r}, dol.acc.random_mean
+                                           baselines: on each random matched split, and the mean of dol.acc.random{r}
+    depth.acc.<path>.<level>               with --layers: accuracy at block k, step = k (paths slow/fast/full, or
+                                           full/matched.contiguous.* for baselines); depth.dol.acc likewise
+Only the primary paths get MDL and the width controls; random matched splits and depth curves get accuracy.
+Artifacts: results.csv, results.json, confusion.png, depth.png (with --layers), probe_weights.npz.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .features import block_features, extract, feature_specs, model_name_of, paired_steps_model
+from .linear import PROBES
+from .measures import Labels, measure, metrics_of
+
+__all__ = ["PATHS", "LEVEL_CHOICES", "ProbeConfig", "ProbeReport", "select_paths", "select_levels", "parse_layers",
+           "run_probe", "format_table"]
+
+PATHS = ("slow", "fast", "full", "matched", "all")
+LEVEL_CHOICES = ("coarse", "fine", "both", "detail", "all")
+
+
+@dataclass
+class ProbeConfig:
+    """What `probe run` takes; see the CLI help for each field."""
+    model: str | None = None
+    run: str | None = None
+    path: str = "all"
+    level: str = "both"
+    dataset: str | None = None
+    pool: str = "mean"
+    layers: str = "none"
+    seed: int = 0
+    limit: int | None = None
+    test_limit: int | None = None
+    probe: str = "auto"
+    tracking_uri: str | None = None
+    random_splits: int = 3
+    n_boot: int = 1000
+    batch_size: int = 256
+    mdl: bool = True
+    curves: bool = True
+
+
+@dataclass
+class ProbeReport:
+    """The outcome: result rows, division-of-labour scores, metrics as logged, the table, the MLflow run."""
+    run_id: str | None
+    rows: list[dict]
+    dol: dict[str, tuple[float, float, float]]
+    metrics: dict[str, float]
+    table: str
+    curves: list[dict] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ choices
+
+def select_paths(model, model_name: str, path: str, random_splits: int = 3
+                 ) -> tuple[dict[str, str], list[tuple[str, str, str]], set[str]]:
+    """(path label -> feature name, DoL pairs (suffix, slow label, fast label), labels that get every measure)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; allowed: {', '.join(PATHS)}")
+    specs = feature_specs(model, model_name=model_name, random_splits=random_splits)
+    if "slow_path" in specs:
+        if path == "matched":
+            raise ValueError(f"--path matched: {model_name} has real slow/fast paths; allowed: slow, fast, full, all "
+                             f"(matched splits are the control on its baseline)")
+        chosen = {"slow": "slow_path", "fast": "fast_path", "full": "final"}
+        chosen = chosen if path == "all" else {path: chosen[path]}
+        pairs = [("", "slow", "fast")] if {"slow", "fast"} <= set(chosen) else []
+        return chosen, pairs, set(chosen)
+    if path in ("slow", "fast"):
+        steps = paired_steps_model(model_name) or "its Steps pair"
+        raise ValueError(f"--path {path}: {model_name} is a baseline without slow/fast paths; use --path matched "
+                         f"(its final channels split at the widths of {steps}) or --path all")
+    chosen = {"full": "final"} if path in ("full", "all") else {}
+    pairs = []
+    if path in ("matched", "all"):
+        if "matched.contiguous.slow" not in specs:
+            raise ValueError(f"--path matched: {model_name} has no paired Steps model to copy widths from")
+        for split in ["contiguous"] + [f"random{r}" for r in range(random_splits)]:
+            for side in ("slow", "fast"):
+                chosen[f"matched.{split}.{side}"] = f"matched.{split}.{side}"
+            pairs.append(("" if split == "contiguous" else f".{split}", f"matched.{split}.slow",
+                          f"matched.{split}.fast"))
+    full = {p for p in chosen if "random" not in p}
+    return chosen, pairs, full
+
+
+def select_levels(level: str) -> list[str]:
+    """--level -> the label levels to probe."""
+    table = {"coarse": ["coarse"], "fine": ["fine"], "both": ["coarse", "fine"], "detail": ["detail"],
+             "all": ["coarse", "fine", "detail"]}
+    if level not in table:
+        raise ValueError(f"unknown level {level!r}; allowed: {', '.join(LEVEL_CHOICES)}")
+    return table[level]
+
+
+def parse_layers(layers: str, n_blocks: int) -> list[int]:
+    """``none`` -> [], ``all`` -> every block, ``"0,3,5"`` -> those block indices."""
+    layers = (layers or "none").strip()
+    if layers == "none":
+        return []
+    if layers == "all":
+        return list(range(n_blocks))
+    try:
+        ks = sorted({int(v) for v in layers.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"--layers {layers!r}; allowed: none, all, or block indices like 0,3,7") from None
+    bad = [k for k in ks if not 0 <= k < n_blocks]
+    if bad or not ks:
+        raise ValueError(f"--layers {layers!r}: block {bad[0] if bad else '?'} out of range; "
+                         f"allowed: 0..{n_blocks - 1}")
+    return ks
+
+
+# -------------------------------------------------------------------------------------------------- the run
+
+def _frozen(cfg: ProbeConfig, echo: Callable[[str], None]):
+    from experiments import tracking
+    if cfg.run:
+        model, info = tracking.load_frozen(cfg.run)
+        name = info.get("model") or model_name_of(model)
+        if cfg.model and cfg.model != name:
+            raise ValueError(f"--run {cfg.run} holds model {name!r}, not --model {cfg.model!r}")
+        return model, info, name, cfg.run
+    if not cfg.model:
+        raise ValueError("give --model NAME (its newest frozen model is used) or --run RUN_ID / models:/URI")
+    uri = tracking.newest_frozen(cfg.model)
+    if uri is None:
+        raise ValueError(f"no frozen model for {cfg.model}; make one with: probe train --model {cfg.model} "
+                         f"--dataset {cfg.dataset or 'fashion_mnist'}")
+    model, info = tracking.load_frozen(uri)
+    echo(f"using frozen model {uri} (newest for {cfg.model}; run {info.get('run_id')})")
+    return model, info, cfg.model, uri
+
+
+def _check_choices(cfg: ProbeConfig) -> list[str]:
+    if cfg.path not in PATHS:
+        raise ValueError(f"unknown path {cfg.path!r}; allowed: {', '.join(PATHS)}")
+    if cfg.pool not in ("cls", "mean", "tokens"):
+        raise ValueError(f"unknown pool {cfg.pool!r}; allowed: cls, mean, tokens")
+    if cfg.probe not in PROBES:
+        raise ValueError(f"unknown probe {cfg.probe!r}; allowed: {', '.join(PROBES)}")
+    return select_levels(cfg.level)
+
+
+def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeReport:
+    """Load the frozen model, extract features, probe, print the table, log one MLflow run of kind ``probe``."""
+    from experiments import tracking
+    from experiments.data import load_dataset
+
+    levels = _check_choices(cfg)
+    tracking.configure(cfg.tracking_uri)
+    model, info, name, ref = _frozen(cfg, echo)
+    paths, pairs, full = select_paths(model, name, cfg.path, cfg.random_splits)
+    n_blocks = sum(1 for s in feature_specs(model, random_splits=0) if re.fullmatch(r"blocks\.\d+", s))
+    layers = parse_layers(cfg.layers, n_blocks)
+    dataset = cfg.dataset or info.get("dataset")
+    if not dataset:
+        raise ValueError(f"frozen model {ref} records no training dataset; give --dataset")
+    train_ds = load_dataset(dataset, "train", limit=cfg.limit, seed=cfg.seed)
+    test_ds = load_dataset(dataset, "test", limit=cfg.test_limit, seed=cfg.seed)
+    want = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())
+    have = (train_ds.in_chans, train_ds.img_size, train_ds.images.shape[3])
+    if want and tuple(want) != have:
+        raise ValueError(f"dataset {dataset} has {'x'.join(map(str, have))} images; {name} takes "
+                         f"{'x'.join(map(str, want))}")
+    blocks = {k: block_features(model, k, model_name=name) for k in layers}
+    if cfg.path != "all":
+        blocks = {k: {p: f for p, f in v.items() if p in paths} for k, v in blocks.items()}
+    names = sorted(set(paths.values()) | {f for v in blocks.values() for f in v.values()})
+    params = dict(model=name, frozen=ref, frozen_uri=info.get("uri"), source_run_id=info.get("run_id"),
+                  dataset=dataset, path=cfg.path, level=cfg.level, pool=cfg.pool, layers=cfg.layers, seed=cfg.seed,
+                  limit=cfg.limit, test_limit=cfg.test_limit, probe=cfg.probe, random_splits=cfg.random_splits,
+                  n_boot=cfg.n_boot, n_train=len(train_ds), n_test=len(test_ds))
+    tags = {"stepslab.source_run_id": info.get("run_id"), "stepslab.model": name, "stepslab.dataset": dataset}
+    with tracking.tracked_run("probe", params, tags=tags) as run:
+        kw = dict(pool=cfg.pool, batch_size=cfg.batch_size, model_ref=str(info.get("uri") or ref), model_name=name,
+                  random_splits=cfg.random_splits, split_seed=cfg.seed)
+        ftr, fte = extract(model, train_ds, names, **kw), extract(model, test_ds, names, **kw)
+        ltr, lte = Labels.of(train_ds), Labels.of(test_ds)
+        rows, dol, curves, fits = measure({p: ftr[f] for p, f in paths.items()}, {p: fte[f] for p, f in paths.items()},
+                                          ltr, lte, levels, full=full, pairs=pairs, probe=cfg.probe, seed=cfg.seed,
+                                          n_boot=cfg.n_boot, mdl=cfg.mdl, curves=cfg.curves)
+        metrics = metrics_of(rows, dol)
+        tracking.log_metrics(metrics)
+        for c in curves:
+            tracking.log_metrics({f"curve.{c['path']}.{c['level']}": c["acc"]}, step=c["k"])
+        depth_rows = []
+        for k, feats in tqdm(blocks.items(), desc="depth", leave=False):
+            bpairs = [("", p, p[:-4] + "fast") for p in feats if p.endswith("slow") and p[:-4] + "fast" in feats]
+            brows, bdol, _, _ = measure({p: ftr[f] for p, f in feats.items()}, {p: fte[f] for p, f in feats.items()},
+                                        ltr, lte, levels, pairs=bpairs, probe=cfg.probe, seed=cfg.seed, n_boot=100,
+                                        desc=f"block {k}")
+            bdol = {key: v for key, v in bdol.items() if key in ("acc", "acc.detail")}
+            for r in brows:
+                r.update(block=k, feature=feats[r["path"]])
+            depth_rows += brows
+            tracking.log_metrics({m: v for m, v in metrics_of([r for r in brows if not r["group"]], bdol, "depth.")
+                                  .items() if m.startswith(("depth.acc.", "depth.dol.acc")) and ".ci_" not in m},
+                                 step=k)
+        for r in rows:
+            r["feature"] = paths[r["path"]]
+        table = format_table(rows, dol)
+        echo(table)
+        _log_artifacts(rows + depth_rows, dol, curves, fits, metrics, params, lte, depth_rows)
+        echo(f"probe run {run.info.run_id} (model {name}, frozen run {info.get('run_id')})")
+    return ProbeReport(run.info.run_id, rows + depth_rows, dol, metrics, table, curves)
+
+
+def format_table(rows: list[dict], dol: dict) -> str:
+    """path x level: width, accuracy [95% CI], balanced accuracy, MDL, equal-width controls; then DoL lines."""
+    def f(v, fmt="{:.3f}"):
+        return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
+
+    header = ["path", "level", "width", "acc [95% CI]", "bal_acc", "xent", "MDL bits (ratio)", "k_eq",
+              "acc@k pca", "acc@k rand"]
+    body = [[r["path"], r["level"], str(r["width"]), f"{r['acc']:.3f} [{f(r['acc_ci_low'])}, {f(r['acc_ci_high'])}]",
+             f(r["bal_acc"]), f(r["xent"]),
+             "-" if r.get("mdl_bits") is None else f"{r['mdl_bits']:.0f} ({r['mdl_ratio']:.3f})",
+             f(r.get("k_eq"), "{}"), f(r.get("acc_pca")), f(r.get("acc_rand"))]
+            for r in rows if not r.get("group")]
+    widths = [max(len(c) for c in col) for col in zip(header, *body)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for key, (s, lo, hi) in dol.items():
+        ci = "" if np.isnan(lo) else f" [{lo:+.3f}, {hi:+.3f}]"
+        lines.append(f"division of labour {key}: {s:+.3f}{ci}")
+    return "\n".join(lines)
+
+
+def _log_artifacts(rows, dol, curves, fits, metrics, params, labels: Labels, depth_rows) -> None:
+    import mlflow
+    from experiments import tracking
+
+    cols = sorted({k for r in rows for k in r}, key=lambda c: (c not in ("path", "level", "group", "block"), c))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows(rows)
+    mlflow.log_text(buf.getvalue(), "results.csv")
+    tracking.log_dict_artifact({"params": params, "rows": rows, "dol": {k: dict(zip(("score", "ci_low", "ci_high"), v))
+                                                                         for k, v in dol.items()},
+                                "curves": curves, "metrics": metrics}, "results.json")
+    tracking.log_figure(_confusion_figure(fits, labels), "confusion.png")
+    if depth_rows:
+        tracking.log_figure(_depth_figure(depth_rows), "depth.png")
+    weights = {}
+    for (path, level), fit in fits.items():
+        for part in ("coef", "intercept", "classes"):
+            weights[f"{path}.{level}.{part}"] = getattr(fit, part)
+        weights[f"{path}.{level}.mean"] = fit.standardiser.mean
+        weights[f"{path}.{level}.scale"] = fit.standardiser.scale
+        weights[f"{path}.{level}.C"] = np.array(fit.C)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "probe_weights.npz", **weights)
+        mlflow.log_artifact(str(Path(tmp) / "probe_weights.npz"))
+
+
+def _confusion_figure(fits: dict, labels: Labels):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = list(dict.fromkeys(p for p, _ in fits))
+    levels = list(dict.fromkeys(lv for _, lv in fits))
+    fig, axes = plt.subplots(len(levels), len(paths), figsize=(3 * len(paths), 3 * len(levels)), squeeze=False)
+    for i, level in enumerate(levels):
+        y = labels.coarse if level == "coarse" else labels.fine
+        k = len(labels.coarse_names) if level == "coarse" else len(labels.fine_to_coarse)
+        for j, path in enumerate(paths):
+            fit, ax = fits.get((path, level)), axes[i][j]
+            if fit is not None:
+                cm = np.zeros((k, k))
+                np.add.at(cm, (y, fit.pred), 1)
+                ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), vmin=0, vmax=1, cmap="Blues")
+                ax.set_title(f"{path} / {level}: {fit.acc:.2f}", fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def _depth_figure(rows: list[dict]):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(dict.fromkeys(r["level"] for r in rows))
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.5 * len(levels), 3.2), squeeze=False)
+    for ax, level in zip(axes[0], levels):
+        for path in dict.fromkeys(r["path"] for r in rows):
+            pts = sorted((r["block"], r["acc"]) for r in rows if r["level"] == level and r["path"] == path
+                         and not r["group"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=path)
+        ax.set(title=level, xlabel="block", ylabel="probe accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -1,0 +1,78 @@
+"""experiments/bench.py: smoke runs at tiny sizes, one round. Structure only, never timings.
+
+The MLflow store is the session's throwaway one (tests/conftest.py); results go to tmp_path.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from experiments import bench
+
+TINY = ["--device", "cpu", "--quick", "--models", "steps_deit_micro", "--repeats", "1", "--batch", "2",
+        "--probe-n", "300", "--probe-d", "8", "--attr-images", "1", "--budget-s", "900"]
+
+
+def outputs(tmp_path):
+    stem = tmp_path / f"bench-cpu-{bench.cpu_cores()}cores"
+    return json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".md").read_text()
+
+
+def test_bench_writes_json_markdown_and_an_mlflow_run(tmp_path):
+    rep = bench.main(TINY + ["--out", str(tmp_path)])
+    data, md = outputs(tmp_path)
+    assert data["device"] == f"cpu-{bench.cpu_cores()}cores" and data["settings"]["models"] == ["steps_deit_micro"]
+    assert not data["errors"], data["errors"]
+    pair = data["throughput"][0]
+    assert (pair["steps"], pair["baseline"]) == ("steps_deit_micro", "deit_micro")
+    for mode in ("infer", "train"):
+        assert set(pair[mode]["ratio"]) == {"median", "min", "max", "best"}
+        assert pair[mode]["ips"]["steps"] > 0 and pair[mode]["ips"]["baseline"] > 0
+    assert data["overhead"][0]["model"] == "steps_deit_micro" and "overhead" in data["overhead"][0]["train"]
+    paths = data["paths"][0]["paths"]
+    assert paths[:3] == ["slow_path", "fast_path", "final"] and "stages.0.steps.2.y" in paths
+    assert {p["model"] for p in data["profile"]} == {"steps_deit_micro", "deit_micro"}
+    assert data["peak"]["tflops"] > 0 and "contention_start" in data
+    assert set(data["probe"]) >= {"sklearn", "torch", "acc_gap", "oracle_acc"}
+    assert data["attribution"]["ig_steps"] == 32 and data["attribution"]["ips"] > 0
+    # The documented metric names.
+    m = data["metrics"]
+    for key in ("ratio.steps_deit_micro.train", "ratio.steps_deit_micro.infer", "ratio.steps_deit_micro.paths",
+                "ips.steps_deit_micro.train", "ips.deit_micro.infer", "probe.fit_s.sklearn", "probe.fit_s.torch",
+                "probe.acc.sklearn", "probe.acc.torch", "attr.ig32.ips", "mfu.steps_deit_micro", "mfu.deit_micro",
+                "overhead.steps_deit_micro.train"):
+        assert key in m, key
+    assert {t["check"] for t in data["targets"]} >= {"ratio.steps_deit_micro.train", "probe.acc_gap"}
+    for heading in ("# StepsLab bench: cpu-", "## Throughput", "## Split/merge overhead", "## Path extraction",
+                    "## Where the time goes", "## Linear probe", "## Attribution", "## Targets"):
+        assert heading in md, heading
+    assert "| steps_deit_micro | deit_micro |" in md
+    # One MLflow run of kind bench with the same metrics.
+    from experiments import tracking
+
+    runs = tracking.find_runs("bench")
+    row = runs[runs["run_id"] == rep["mlflow_run_id"]].iloc[0]
+    assert row["metrics.ratio.steps_deit_micro.train"] == pytest.approx(m["ratio.steps_deit_micro.train"])
+    assert "metrics.attr.ig32.ips" in runs.columns
+
+
+def test_bench_skips_parts_whose_packages_are_missing(tmp_path, monkeypatch):
+    for mod in ("mlflow", "captum", "captum.attr", "sklearn", "sklearn.linear_model"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError, as on a machine without them
+    rep = bench.main(TINY + ["--out", str(tmp_path), "--sections", "throughput,probe,attribution", "--profile", "off"])
+    data, md = outputs(tmp_path)
+    assert not data["errors"], data["errors"]
+    assert data["throughput"] and not data.get("probe") and not data.get("attribution")
+    assert "mlflow_run_id" not in rep
+    notes = " ".join(data["notes"])
+    assert "probe: skipped" in notes and "attribution: skipped" in notes and "MLflow tracking: skipped" in notes
+    assert "## Notes" in md and "## Linear probe" not in md
+
+
+def test_bench_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown model"):
+        bench.main(["--device", "cpu", "--models", "steps_nope", "--no-track"])
+    with pytest.raises(SystemExit, match="unknown section"):
+        bench.main(["--device", "cpu", "--sections", "throughput,warp", "--no-track"])
