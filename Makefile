@@ -32,10 +32,12 @@ demo: setup
 bench: setup
 	$(PY) experiments/bench.py
 
-figures: setup
+# The small CPU experiments behind every figure, then every figure from the recorded runs.
+# `probe figures` alone redraws from runs already recorded (same runs in, same bytes out).
+figures: figures-data
 	$(PROBE) figures
 
-# The small CPU experiments behind every figure (each makes new MLflow runs); then `make figures`.
+# Each of these makes new MLflow runs; GPU-scale versions: experiments/configs/figures.md.
 figures-data: setup
 	$(PROBE) study shortcut
 	$(PROBE) study degradation
