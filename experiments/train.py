@@ -549,6 +549,7 @@ def model_info(cfg: TrainConfig, train_ds: LabeledImages, metrics: dict) -> dict
 def learning_curve(history: dict, title: str):
     """A matplotlib Figure (no pyplot, so no GUI backend): losses and accuracies per epoch."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -560,6 +561,7 @@ def learning_curve(history: dict, title: str):
     ax_acc.plot(ep, history["coarse_acc"], "o-", label="coarse")
     ax_acc.set(xlabel="epoch", ylabel="test top-1", title="accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)

@@ -1,7 +1,10 @@
 """Test-wide isolation: no test writes the repo's mlruns/ or talks to a tracking server from the environment."""
 import os
 
-import pytest
+# Before torch loads OpenMP: busy-waiting threads slow a shared 2-core machine several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
