@@ -10,19 +10,23 @@ but move with the machine's load. On CPU the ratios of process CPU time are repo
 sensitive to other processes than wall time and show how much of a wall-time ratio is contention.
 
 Default models: the micro pairs (28 px grey, batch 128, fp32) on CPU; the 224 px pairs (batch 128, bf16 autocast,
-channels_last for ResNets, timm's fused scaled_dot_product_attention) on CUDA.
+channels_last for ResNets, cudnn.benchmark) on CUDA. Attention is timm's default: DeiT runs the fused
+F.scaled_dot_product_attention; timm's Swin keeps its unfused window attention (timm marks fused Swin attention
+experimental; TIMM_FUSED_ATTN=2 in the environment switches it on for both Swin models).
 
 Sections (each guarded: a failure or a missing optional package becomes a note, the rest still runs; the JSON and
 Markdown are rewritten after every section, so a run stopped early still leaves its results):
     throughput   inference and training-step (fwd + bwd + AdamW) images/s, Steps vs baseline
     overhead     the split/merge cost: the Steps stacks vs the same blocks run one after another on pre-made
-                 dense inputs of each step's width (no split, no concatenation, no HookPoints)
+                 dense inputs of each step's width (no split, no concatenation, no HookPoints), and the wiring
+                 alone (the stacks with their blocks taken out)
     paths        `models.sites.forward_paths` of every path (slow_path, fast_path, final, each step's y) in one
                  pass vs plain `model.forward`
-    profile      torch.profiler of one training fwd+bwd and one inference forward per model: time in GEMM/conv/
+    profile      torch.profiler of a training fwd+bwd and an inference forward per model (3 rounds on CPU, 2 on
+                 CUDA, interleaved with the pair's other model, minimum per category): time in GEMM/conv/
                  attention, copies, norms and other (elementwise) ops, the GEMM rate, op counts, and each model's
                  block activation volume (elements per image written by its residual blocks); explains ratios
-                 below target (see the Markdown)
+                 below target (Markdown)
     mfu          achieved training FLOP/s (count_macs x 2 x 3 x images/s) over the device's matmul peak, timed
                  in the same run (fp32 on CPU, bf16 on CUDA)
     probe        `probes.linear.fit_probe` at one C, scikit-learn vs torch, on synthetic features with a known
@@ -35,7 +39,9 @@ Markdown are rewritten after every section, so a run stopped early still leaves 
                  breaks, recompiles while timing (the Steps model must compile to one graph, no recompiles per
                  step), compiled throughput ratio
     graphs       (`--cuda-graphs`, CUDA only) whole-model CUDA graphs (inference: torch.cuda.graph; training:
-                 torch.cuda.make_graphed_callables with autocast caching off), graphed throughput ratios
+                 torch.cuda.make_graphed_callables with autocast caching off), graphed throughput ratios; shapes
+                 are static here, and graphs take the kernel-launch cost (which grows with the number of blocks,
+                 twice the baseline's for Steps-DeiT) off the CPU. Default pairs: the small ones (see --graphs-models).
 
 Metric names (MLflow run of kind ``bench``; <model> is the Steps model unless said otherwise):
     ratio.<model>.infer | .train          Steps images/s / baseline images/s (eager)
@@ -46,6 +52,7 @@ Metric names (MLflow run of kind ``bench``; <model> is the Steps model unless sa
     ratio.<model>.infer_graphed | .train_graphed   with CUDA graphs (with --cuda-graphs)
     ips.<name>.infer | .train             images/s of every model, Steps and baseline
     overhead.<model>.infer | .train       Steps stacks time / same blocks on pre-made inputs - 1
+    wiring.<model>.infer | .train         time of the Steps wiring alone (blocks taken out) / Steps stacks time
     mfu.<name>                            training MFU of every model, Steps and baseline
     peak.tflops                           measured matmul peak (TFLOP/s)
     probe.fit_s.<sklearn|torch>, probe.acc.<sklearn|torch>, probe.acc_gap
@@ -97,6 +104,8 @@ MICRO = tuple(s for s in BASELINE_OF if s.endswith("_micro"))
 # Full-size pairs, ordered so that a budget cut drops the least informative last (one per family first).
 FULL = ("steps_deit_s", "steps_swin_t", "steps_resnet50", "steps_deit_t", "steps_swin_s", "steps_resnet34",
         "steps_deit_b", "steps_swin_b", "steps_resnet18")
+# Default --cuda-graphs pairs: the small ones, where kernel launches weigh most (and graph memory is small).
+GRAPHS_DEFAULT = ("steps_deit_t", "steps_deit_s", "steps_swin_t", "steps_resnet18", "steps_resnet50") + MICRO
 SECTIONS = ("throughput", "overhead", "paths", "profile", "probe", "attribution", "compile", "graphs")
 DEFAULT_SECTIONS = ("throughput", "overhead", "paths", "profile", "probe", "attribution")
 TARGET_RATIO = 0.95      # Steps / baseline images/s
@@ -125,7 +134,7 @@ class Setup:
 
     @property
     def repeats_secondary(self) -> int:
-        """Rounds for the overhead and paths sections (their effects are small, their cost is not)."""
+        """Rounds for the paths section (its effect is small, its cost is not)."""
         return max(min(3, self.repeats), (self.repeats + 1) // 2)
 
     @property
@@ -364,8 +373,23 @@ def measure_pair(steps: Built, base: Built, setup: Setup) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def wiring_only(stacks: list[nn.Module]):
+    """Within the block, every step of `stacks` runs no blocks: what is left is the StepsStack wiring itself
+    (split, dense first group, HookPoints, one concatenation per step), the real code of models/steps.py."""
+    saved = [(step, step.blocks) for s in stacks for step in s.steps]
+    try:
+        for step, _ in saved:
+            step.blocks = nn.Sequential()
+        yield
+    finally:
+        for step, blocks in saved:
+            step.blocks = blocks
+
+
 def measure_overhead(steps: Built, setup: Setup) -> dict:
-    """The Steps stacks on their real inputs vs the same blocks on pre-made dense inputs of each step's width."""
+    """The Steps stacks on their real inputs vs the same blocks on pre-made dense inputs of each step's width,
+    and the wiring alone (the stacks with their blocks taken out)."""
     model, device = steps.model, setup.device
     stacks = model.steps_stacks()
     x, _ = batch_for(steps, setup)
@@ -392,37 +416,50 @@ def measure_overhead(steps: Built, setup: Setup) -> dict:
                 for step, h in zip(s.steps, pre[i]):
                     step.blocks(h)
 
-    model.eval()
-    ti = interleave({"stack": stack_infer, "plain": plain_infer}, setup, repeats=setup.repeats_secondary)
+    def wiring_infer():
+        with wiring_only(stacks):
+            stack_infer()
+
     leaves = {i: captured[i].clone().requires_grad_() for i in captured}
     pre_leaves = {i: [p.clone().requires_grad_() for p in ps] for i, ps in pre.items()}
+    grads: dict[Any, torch.Tensor] = {}  # fixed output gradients: no loss computation in the timed work
 
-    def stack_train():
+    def backward(outs: list[tuple[Any, torch.Tensor]], inputs: list[torch.Tensor]) -> None:
+        for key, o in outs:
+            if key not in grads:
+                grads[key] = torch.randn_like(o)
+        torch.autograd.backward([o for _, o in outs], [grads[k] for k, _ in outs])
         model.zero_grad(set_to_none=True)
-        with autocast(device):
-            loss = sum(s(leaves[i]).float().square().mean() for i, s in enumerate(stacks))
-        loss.backward()
-        for t in leaves.values():
+        for t in inputs:
             t.grad = None
 
-    def plain_train():
-        model.zero_grad(set_to_none=True)
+    def stack_train(tag: str = "stack"):
         with autocast(device):
-            loss = sum(step.blocks(h).float().square().mean() for i, s in enumerate(stacks)
-                       for step, h in zip(s.steps, pre_leaves[i]))
-        loss.backward()
-        for ts in pre_leaves.values():
-            for t in ts:
-                t.grad = None
+            outs = [((tag, i), s(leaves[i])) for i, s in enumerate(stacks)]
+        backward(outs, list(leaves.values()))
 
+    def plain_train():
+        with autocast(device):
+            outs = [(("plain", i, k), step.blocks(h)) for i, s in enumerate(stacks)
+                    for k, (step, h) in enumerate(zip(s.steps, pre_leaves[i]))]
+        backward(outs, [t for ts in pre_leaves.values() for t in ts])
+
+    def wiring_train():
+        with wiring_only(stacks):
+            stack_train("wiring")
+
+    model.eval()
+    ti = interleave({"stack": stack_infer, "plain": plain_infer, "wiring": wiring_infer}, setup)
     model.train()
-    tt = interleave({"stack": stack_train, "plain": plain_train}, setup, repeats=setup.repeats_secondary)
+    tt = interleave({"stack": stack_train, "plain": plain_train, "wiring": wiring_train}, setup)
     model.zero_grad(set_to_none=True)
     res = {"model": steps.name}
     for mode, t in (("infer", ti), ("train", tt)):
         r = t.ratio("plain", "stack")  # plain speed / stack speed = stack time / plain time
-        res[mode] = {"stack_ms": t.ms("stack"), "plain_ms": t.ms("plain"), "overhead": r["median"] - 1,
-                     "overhead_min": r["min"] - 1, "overhead_max": r["max"] - 1}
+        res[mode] = {"stack_ms": t.ms("stack"), "plain_ms": t.ms("plain"), "wiring_ms": t.ms("wiring"),
+                     "overhead": r["median"] - 1, "overhead_min": r["min"] - 1, "overhead_max": r["max"] - 1,
+                     "overhead_best": r["best"] - 1,
+                     "wiring_share": min(t.wall["wiring"]) / min(t.wall["stack"])}
     return res
 
 
@@ -444,12 +481,18 @@ def measure_paths(steps: Built, setup: Setup) -> dict:
             "paths_ips": t.ips("paths", len(x)), "ratio": t.ratio("paths", "forward")}
 
 
+CATEGORIES = ("gemm", "attn", "copy", "norm", "other")
+
+
 def op_category(key: str) -> str:
+    """gemm: projections and convolutions; attn: attention products and softmax (fused or not; bmm is only used
+    by attention in these models); copy: data movement; norm: layer/batch norm; other: elementwise and the rest."""
     op = key.split("::")[-1]
-    if (op in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "_scaled_mm") or "conv" in op
-            or "scaled_dot_product" in op or "flash_attention" in op or "efficient_attention" in op
-            or "cudnn_attention" in op):
+    if op in ("mm", "addmm", "addbmm", "matmul", "_scaled_mm") or "conv" in op:
         return "gemm"
+    if (op in ("bmm", "baddbmm") or "softmax" in op or "scaled_dot_product" in op or "flash_attention" in op
+            or "efficient_attention" in op or "cudnn_attention" in op):
+        return "attn"
     if any(k in op for k in ("layer_norm", "batch_norm", "group_norm")):
         return "norm"
     if op in ("copy_", "cat", "clone", "contiguous", "roll", "constant_pad_nd", "index", "index_select", "gather",
@@ -459,57 +502,78 @@ def op_category(key: str) -> str:
     return "other"
 
 
-def measure_profile(built: Built, setup: Setup) -> dict:
-    """One profiled training fwd+bwd (no optimizer) and one inference forward: self time by op category."""
+def _profile_once(fn: Callable[[], Any], setup: Setup) -> dict:
+    """Self time (ms) by op category of one call of `fn`, its wall time, op counts and top non-GEMM ops."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, device = built.model, setup.device
-    x, y = batch_for(built, setup)
-
-    def fwd_bwd():
-        model.zero_grad(set_to_none=True)
-        with autocast(device):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-
-    res: dict[str, Any] = {"model": built.name, "clock": "device" if setup.cuda else "cpu", "volume": built.volume,
-                           "macs": built.macs}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.cuda else [])
-    for mode, fn, passes in (("train", fwd_bwd, 3), ("infer", inferer(model, x, device), 1)):
-        model.train(mode == "train")
-        for _ in range(2):
+    sync(setup.device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync(setup.device)
+        wall = time.perf_counter() - t0
+    cats = {k: 0.0 for k in CATEGORIES}
+    counts: dict[str, int] = {}
+    top: dict[str, float] = {}
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue  # autograd nodes, profiler records, CUDA kernels (their time is in their aten op)
+        if setup.cuda:
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
+        else:
+            us = e.self_cpu_time_total
+        cat = op_category(e.key)
+        cats[cat] += us / 1e3
+        counts[e.key] = counts.get(e.key, 0) + int(e.count)
+        if cat not in ("gemm", "attn"):
+            top[e.key] = top.get(e.key, 0.0) + us / 1e3
+    return {"cats": cats, "wall_ms": 1e3 * wall, "counts": counts, "top": top}
+
+
+def measure_profiles(pair: list[Built], setup: Setup, rounds: int = 3) -> list[dict]:
+    """Per model: profiled training fwd+bwd (no optimizer) and inference forward, `rounds` times, interleaved
+    with the other model; each category's time is its minimum over the rounds (noise only adds time)."""
+    res = {b.name: {"model": b.name, "clock": "device" if setup.cuda else "cpu", "volume": b.volume,
+                    "macs": b.macs} for b in pair}
+    for mode, passes in (("train", 3), ("infer", 1)):
+        fns = {}
+        for b in pair:
+            x, y = batch_for(b, setup)
+            b.model.train(mode == "train")
+            if mode == "infer":
+                fns[b.name] = inferer(b.model, x, setup.device)
+                continue
+
+            def fwd_bwd(model=b.model, x=x, y=y):
+                model.zero_grad(set_to_none=True)
+                with autocast(setup.device):
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+            fns[b.name] = fwd_bwd
+        for fn in fns.values():
             fn()
-        sync(device)
-        with profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            wall = time.perf_counter() - t0
-        cats = {"gemm": 0.0, "copy": 0.0, "norm": 0.0, "other": 0.0}
-        counts: dict[str, int] = {}
-        top: dict[str, float] = {}
-        for e in prof.key_averages():
-            if not e.key.startswith("aten::"):
-                continue  # autograd nodes, profiler records, CUDA kernels (their time is in their aten op)
-            if setup.cuda:
-                us = getattr(e, "self_device_time_total", None)
-                us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
-            else:
-                us = e.self_cpu_time_total
-            cat = op_category(e.key)
-            cats[cat] += us / 1e3
-            counts[e.key] = counts.get(e.key, 0) + int(e.count)
-            if cat != "gemm":
-                top[e.key] = top.get(e.key, 0.0) + us / 1e3
-        total = sum(cats.values())
-        flops = 2.0 * passes * built.macs * len(x)  # fwd: 2 FLOPs per MAC; fwd + bwd: 3 passes
-        res[mode] = {"wall_ms": 1e3 * wall, "total_ms": total, **{f"{k}_ms": v for k, v in cats.items()},
-                     "gemm_tflops": flops / cats["gemm"] / 1e9 if cats["gemm"] > 0 else None,
-                     "busy": total / (1e3 * wall) if wall else None, "ops": sum(counts.values()),
-                     "cat_calls": counts.get("aten::cat", 0),
-                     "top_other": sorted(((k, round(v, 2)) for k, v in top.items()), key=lambda kv: -kv[1])[:6]}
-    model.zero_grad(set_to_none=True)
-    return res
+        runs: dict[str, list[dict]] = {name: [] for name in fns}
+        names = list(fns)
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                runs[name].append(_profile_once(fns[name], setup))
+        for b in pair:
+            rs = runs[b.name]
+            cats = {k: min(r["cats"][k] for r in rs) for k in rs[0]["cats"]}
+            fastest = min(rs, key=lambda r: sum(r["cats"].values()))
+            total = sum(cats.values())
+            flops = 2.0 * passes * b.macs * setup.batch  # 2 FLOPs per MAC; fwd + bwd = 3 passes
+            res[b.name][mode] = {
+                "total_ms": total, **{f"{k}_ms": v for k, v in cats.items()}, "wall_ms": min(r["wall_ms"] for r in rs),
+                "gemm_tflops": flops / (cats["gemm"] + cats["attn"]) / 1e9 if cats["gemm"] + cats["attn"] > 0 else None,
+                "busy": sum(fastest["cats"].values()) / fastest["wall_ms"] if fastest["wall_ms"] else None,
+                "ops": sum(fastest["counts"].values()), "cat_calls": fastest["counts"].get("aten::cat", 0),
+                "top_other": sorted(((k, round(v, 2)) for k, v in fastest["top"].items()), key=lambda kv: -kv[1])[:6]}
+        for b in pair:
+            b.model.zero_grad(set_to_none=True)
+    return list(res.values())
 
 
 def contention(setup: Setup) -> dict:
@@ -547,7 +611,8 @@ def matmul_peak(setup: Setup) -> dict:
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(setup.device, dtype)
     b = torch.randn(n, n, generator=g).to(setup.device, dtype)
-    t = interleave({"mm": lambda: torch.mm(a, b)}, setup, repeats=3, target_s=0.5 if setup.cuda else 1.0, warmup=2)
+    t = interleave({"mm": lambda: torch.mm(a, b)}, setup, repeats=3,
+                   target_s=0.2 if setup.quick else 0.5 if setup.cuda else 1.0, warmup=2)
     best = min(t.wall["mm"])
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": 2 * n ** 3 / best / 1e12}
 
@@ -641,7 +706,7 @@ def measure_attribution(name: str, n_images: int, n_steps: int, setup: Setup, no
     if hasattr(shares, "summary"):
         delta_rel = shares.summary().get("delta.rel")
     # Reference: plain fwd+bwd (gradient to the input), batch 64: IG costs n_steps of these per image.
-    xb, yb = batch_for(built, setup, batch=64)
+    xb, yb = batch_for(built, setup, batch=16 if setup.quick else 64)
     xb.requires_grad_()
 
     def fwd_bwd():
@@ -651,12 +716,12 @@ def measure_attribution(name: str, n_images: int, n_steps: int, setup: Setup, no
             out = model(xb)
         out.gather(1, yb[:, None]).sum().backward()
 
-    t = interleave({"fb": fwd_bwd}, setup, repeats=3, warmup=1)
+    t = interleave({"fb": fwd_bwd}, setup, repeats=1 if setup.quick else 3, warmup=1)
     fb_ips = t.ips("fb", len(xb))
     ips = n_images / dt
     return {"model": name, "images": n_images, "ig_steps": n_steps, "batch_size": batch_size,
             "internal_batch_size": internal, "via": via, "seconds": dt, "ips": ips, "fwd_bwd_ips": fb_ips,
-            "efficiency": ips * n_steps / fb_ips, "delta_rel": delta_rel}
+            "efficiency": ips * n_steps / fb_ips, "fwd_bwd_batch": len(xb), "delta_rel": delta_rel}
 
 
 def counter_snapshot() -> dict[str, int]:
@@ -747,7 +812,7 @@ def measure_graphs(steps: Built, base: Built, setup: Setup) -> dict:
         b.model.train()
         b.model.zero_grad(set_to_none=True)
         with autocast(setup.device, cache=False):
-            graphed = torch.cuda.make_graphed_callables(b.model, (x,))
+            graphed = torch.cuda.make_graphed_callables(b.model, (x,), allow_unused_input=True)
         fns[role] = trainer(graphed, x, y, setup.device, params=b.model, cache=False)
     t = interleave(fns, setup)
     res["train"] = {"ips": {"steps": t.ips("steps", len(x)), "baseline": t.ips("base", len(x))},
@@ -788,12 +853,12 @@ def explain(pair: dict, profiles: dict[str, dict], overhead: dict | None) -> str
             continue
         base = pb["total_ms"]
         parts = ", ".join(f"{k} {100 * (ps[f'{k}_ms'] - pb[f'{k}_ms']) / base:+.0f}%"
-                          for k in ("gemm", "copy", "norm", "other"))
+                          for k in CATEGORIES)
         line.append(f"Profiled {what} time x{ps['total_ms'] / base:.2f} ({parts} of the baseline's time; GEMM/conv/"
                     f"attention rate {gflops(ps)} vs {gflops(pb)} GFLOP/s; {ps['ops']} vs {pb['ops']} ops).")
     if overhead:
-        line.append(f"Split/merge overhead {100 * overhead['train']['overhead']:+.1f}% train, "
-                    f"{100 * overhead['infer']['overhead']:+.1f}% infer.")
+        line.append(f"Steps wiring alone: {100 * overhead['train']['wiring_share']:.1f}% (train), "
+                    f"{100 * overhead['infer']['wiring_share']:.1f}% (infer) of the stacks' time.")
     return " ".join(line)
 
 
@@ -835,15 +900,21 @@ def markdown(rep: dict) -> str:
                   "includes the optimizer.", ""]
     if rep.get("overhead"):
         L += ["## Split/merge overhead: Steps stacks vs the same blocks on pre-made dense inputs", "",
-              "| Steps model | infer stack ms | infer plain ms | infer overhead | train stack ms | train plain ms | "
-              "train overhead |", "|---|---|---|---|---|---|---|"]
+              "| Steps model | mode | stack ms | plain ms | **overhead** (stack/plain - 1) | best-round overhead | "
+              "wiring alone ms | **wiring share** of the stack |", "|---|---|---|---|---|---|---|---|"]
         for o in rep["overhead"]:
-            L.append(f"| {o['model']} | {o['infer']['stack_ms']:.1f} | {o['infer']['plain_ms']:.1f} | "
-                     f"{100 * o['infer']['overhead']:+.1f}% | {o['train']['stack_ms']:.1f} | "
-                     f"{o['train']['plain_ms']:.1f} | {100 * o['train']['overhead']:+.1f}% |")
-        L += ["", "Plain = each step's blocks run on a dense input of the step's width made beforehand: no split, no "
-                  "concatenation, no HookPoints (train: fwd+bwd, a loss on every step's output). The overhead is "
-                  "what the Steps wiring costs on top of its blocks.", ""]
+            for mode in ("infer", "train"):
+                q = o[mode]
+                spread = f"{100 * q['overhead_min']:+.0f}..{100 * q['overhead_max']:+.0f}%"
+                L.append(f"| {o['model']} | {mode} | {q['stack_ms']:.1f} | {q['plain_ms']:.1f} | "
+                         f"{100 * q['overhead']:+.1f}% ({spread}) | {100 * q['overhead_best']:+.1f}% | "
+                         f"{q['wiring_ms']:.2f} | {100 * q['wiring_share']:.1f}% |")
+        L += ["", "Stack = the model's Steps stacks on their captured inputs; plain = each step's blocks on a dense "
+                  "input of the step's width made beforehand (no split, no concatenation, no HookPoints); wiring "
+                  "alone = the stacks with their blocks taken out (split, dense first group, one concatenation "
+                  "per step: the real models/steps.py code), its share computed from each side's fastest round. "
+                  "Train = forward + backward with fixed output gradients. The difference stack - plain is within "
+                  "the noise of a shared machine; the wiring share is the direct measure.", ""]
     if rep.get("paths"):
         L += [f"## Path extraction (forward_paths, all paths, one pass) vs forward, target >= {TARGET_PATHS}", "",
               "| Steps model | forward img/s | paths img/s | **ratio** | paths |", "|---|---|---|---|---|"]
@@ -854,25 +925,27 @@ def markdown(rep: dict) -> str:
     profs = {p["model"]: p for p in rep.get("profile", [])}
     if profs:
         unit = "device" if rep["cuda"] else "CPU"
-        L += [f"## Where the time goes (torch.profiler, {unit} self time of one training fwd+bwd / one inference "
-              "forward)", "",
-              "| model | mode | total ms | GEMM/conv/attn ms | copy ms | norm ms | other ms | GEMM GFLOP/s | busy | "
-              "ops | block volume / img | top non-GEMM ops (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += [f"## Where the time goes (torch.profiler, {unit} self time of a training fwd+bwd / an inference "
+              "forward; per category the minimum over rounds interleaved with the other model)", "",
+              "| model | mode | total ms | GEMM/conv ms | attention ms | copy ms | norm ms | other ms | GEMM+attn "
+              "GFLOP/s | busy | ops | block volume / img | top other ops (ms) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in profs.values():
             for mode in ("train", "infer"):
                 q = p.get(mode)
                 if not q:
                     continue
                 top = ", ".join(f"{k.split('::')[-1]} {v}" for k, v in q["top_other"][:4])
-                L.append(f"| {p['model']} | {mode} | {q['total_ms']:.1f} | {q['gemm_ms']:.1f} | {q['copy_ms']:.1f} | "
-                         f"{q['norm_ms']:.1f} | {q['other_ms']:.1f} | {gflops(q)} | "
+                L.append(f"| {p['model']} | {mode} | {q['total_ms']:.1f} | {q['gemm_ms']:.1f} | {q['attn_ms']:.1f} | "
+                         f"{q['copy_ms']:.1f} | {q['norm_ms']:.1f} | {q['other_ms']:.1f} | {gflops(q)} | "
                          f"{fmt(q['busy'], 2)} | {q['ops']} | {p['volume']} | {top} |")
-        L += ["", "GEMM GFLOP/s = the model's FLOPs (count_macs x 2, x3 for fwd+bwd) / time in GEMM, conv and "
-                  "attention ops. Block volume = elements per image written by the residual blocks (sum over blocks "
-                  "of tokens x width): memory-bound work (norms, activations, copies, window attention) grows with "
+        L += ["", "GEMM/conv = projections and convolutions; attention = attention products and softmax (fused "
+                  "or not); GEMM+attn GFLOP/s = the model's FLOPs (count_macs x 2, x3 for fwd+bwd) / time in both. "
+                  "Block volume = elements per image written by the residual blocks (sum over blocks "
+                  "of tokens x width): memory-bound work (norms, activations, copies) and attention grow with "
                   "it, while MACs grow with width squared, so narrow-then-wide steps at matched MACs have more "
                   "volume. busy = profiled op time / wall time (on CUDA below 1: the GPU waited for kernel "
-                  "launches).", ""]
+                  "launches; the profiler slows the launching side, so it is a lower bound).", ""]
         over = {o["model"]: o for o in rep.get("overhead", [])}
         lines = [explain(p, profs, over.get(p["steps"])) for p in pairs]
         lines = [ln for ln in lines if ln]
@@ -891,8 +964,9 @@ def markdown(rep: dict) -> str:
         a = rep["attribution"]
         L += [f"## Attribution: integrated gradients, {a['ig_steps']} steps, merge point of {a['model']}", "",
               f"{a['ips']:.2f} images/s ({a['images']} images in {a['seconds']:.1f} s, batch {a['batch_size']}, "
-              f"internal batch {a['internal_batch_size']}) via {a['via']}; plain fwd+bwd {a['fwd_bwd_ips']:.0f} "
-              f"images/s, so IG runs at {a['efficiency']:.2f} of the ideal fwd+bwd images/s / {a['ig_steps']}"
+              f"internal batch {a['internal_batch_size']}) via {a['via']}; plain fwd+bwd (batch "
+              f"{a.get('fwd_bwd_batch')}) {a['fwd_bwd_ips']:.0f} images/s, so IG runs at {a['efficiency']:.2f} of "
+              f"the ideal fwd+bwd images/s / {a['ig_steps']}"
               + (f"; completeness delta.rel {a['delta_rel']:.4f}" if a.get("delta_rel") is not None else "") + ".",
               ""]
     if rep.get("compile"):
@@ -963,6 +1037,7 @@ def metrics_of(rep: dict) -> dict[str, float]:
     for o in rep.get("overhead", []):
         for mode in ("infer", "train"):
             m[f"overhead.{o['model']}.{mode}"] = o[mode]["overhead"]
+            m[f"wiring.{o['model']}.{mode}"] = o[mode]["wiring_share"]
     for p in rep.get("paths", []):
         m[f"ratio.{p['model']}.paths"] = p["ratio"]["median"]
     for name, v in rep.get("mfu", {}).items():
@@ -1069,6 +1144,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs")
     p.add_argument("--cuda-graphs", action="store_true", help="add the CUDA graphs section (CUDA only)")
+    p.add_argument("--graphs-models", default=None,
+                   help="Steps models for --cuda-graphs, of those measured (default: the micro ones and "
+                        f"{', '.join(n for n in GRAPHS_DEFAULT if 'micro' not in n)})")
     p.add_argument("--probe-n", type=int, default=None, help="probe training rows (default 50000; --quick 10000)")
     p.add_argument("--probe-d", type=int, default=None, help="probe feature dim (default 768; --quick 256)")
     p.add_argument("--probe-classes", type=int, default=10)
@@ -1119,6 +1197,8 @@ def main(argv=None) -> dict:
         sections.append("graphs")
     names = resolve_models(args.models, setup)
     compile_names = resolve_models(args.compile_models, setup) if args.compile_models else names[:1]
+    graph_names = resolve_models(args.graphs_models, setup) if args.graphs_models else \
+        [n for n in names if n in GRAPHS_DEFAULT]
     notes: list[str] = []
     if "graphs" in sections and not setup.cuda:
         sections.remove("graphs")
@@ -1175,7 +1255,8 @@ def main(argv=None) -> dict:
     if rep["peak"]:
         log(f"matmul peak {rep['peak']['tflops']:.3f} TFLOP/s ({rep['peak']['dtype']} {rep['peak']['n']}^2)")
     pair_s: list[float] = []
-    for steps_name in names:
+    per_pair = {"throughput", "overhead", "paths", "profile", "graphs"} & set(sections)
+    for steps_name in names if per_pair else []:
         est = max(pair_s) if pair_s else 0.0
         if pair_s and setup.left() - reserve < est:
             note = f"{steps_name}: skipped, {setup.left():.0f} s left of the budget (a pair takes ~{est:.0f} s)"
@@ -1206,22 +1287,25 @@ def main(argv=None) -> dict:
             if r:
                 rep["overhead"].append(r)
                 log(f"overhead {steps_name}: infer {100 * r['infer']['overhead']:+.1f}%, "
-                    f"train {100 * r['train']['overhead']:+.1f}% (stack vs same blocks on pre-made inputs)")
+                    f"train {100 * r['train']['overhead']:+.1f}% (stack vs same blocks on pre-made inputs); wiring "
+                    f"alone {100 * r['infer']['wiring_share']:.1f}% / {100 * r['train']['wiring_share']:.1f}% of the "
+                    "stack time")
         if "paths" in sections:
             r = guarded(f"paths {steps_name}", lambda: measure_paths(s_built, setup))
             if r:
                 rep["paths"].append(r)
                 log(f"paths {steps_name}: {rng(r['ratio'])} ({len(r['paths'])} paths)")
         if "profile" in sections:
-            for b in (s_built, b_built):
-                r = guarded(f"profile {b.name}", lambda: measure_profile(b, setup))
-                if r:
-                    rep["profile"].append(r)
-                    q = r["train"]
-                    log(f"profile {b.name}: fwd+bwd {q['total_ms']:.1f} ms = gemm {q['gemm_ms']:.1f} + copy "
-                        f"{q['copy_ms']:.1f} + norm {q['norm_ms']:.1f} + other {q['other_ms']:.1f}; inference "
-                        f"{r['infer']['total_ms']:.1f} ms")
-        if "graphs" in sections:  # last: make_graphed_callables replaces the models' forward
+            rounds = 1 if setup.quick else 2 if setup.cuda else 3
+            for r in guarded(f"profile {steps_name}",
+                             lambda: measure_profiles([s_built, b_built], setup, rounds)) or []:
+                rep["profile"].append(r)
+                q = r["train"]
+                log(f"profile {r['model']}: fwd+bwd {q['total_ms']:.1f} ms = gemm {q['gemm_ms']:.1f} + attn "
+                    f"{q['attn_ms']:.1f} + copy "
+                    f"{q['copy_ms']:.1f} + norm {q['norm_ms']:.1f} + other {q['other_ms']:.1f}; inference "
+                    f"{r['infer']['total_ms']:.1f} ms")
+        if "graphs" in sections and steps_name in graph_names:  # last: make_graphed_callables replaces forward
             r = guarded(f"graphs {steps_name}", lambda: measure_graphs(s_built, b_built, setup))
             if r:
                 rep["graphs"].append(r)

@@ -42,7 +42,8 @@ def test_bench_writes_json_markdown_and_an_mlflow_run(tmp_path):
     for key in ("ratio.steps_deit_micro.train", "ratio.steps_deit_micro.infer", "ratio.steps_deit_micro.paths",
                 "ips.steps_deit_micro.train", "ips.deit_micro.infer", "probe.fit_s.sklearn", "probe.fit_s.torch",
                 "probe.acc.sklearn", "probe.acc.torch", "attr.ig32.ips", "mfu.steps_deit_micro", "mfu.deit_micro",
-                "overhead.steps_deit_micro.train"):
+                "overhead.steps_deit_micro.train", "wiring.steps_deit_micro.train",
+                "ratio.steps_deit_micro.train_best"):
         assert key in m, key
     assert {t["check"] for t in data["targets"]} >= {"ratio.steps_deit_micro.train", "probe.acc_gap"}
     for heading in ("# StepsLab bench: cpu-", "## Throughput", "## Split/merge overhead", "## Path extraction",
