@@ -34,7 +34,7 @@ Markdown are rewritten after every section, so a run stopped early still leaves 
     attribution  integrated gradients (`--ig-steps`, 32) at the last merge point through
                  `probes.attribution.path_shares` (captum LayerIntegratedGradients; captum directly on the model
                  if that API does not fit), micro Steps model; images/s and the efficiency against
-                 fwd+bwd images/s / steps
+                 fwd+bwd images/s / steps (above 1 is possible: layer IG back-propagates only to the merge point)
     compile      (`--compile`) torch.compile of a pair's training step: compile time, frames, graphs, graph
                  breaks, recompiles while timing (the Steps model must compile to one graph, no recompiles per
                  step), compiled throughput ratio
@@ -58,8 +58,8 @@ Metric names (MLflow run of kind ``bench``; <model> is the Steps model unless sa
     probe.fit_s.<sklearn|torch>, probe.acc.<sklearn|torch>, probe.acc_gap
     attr.ig32.ips, attr.ig32.efficiency   (the number is --ig-steps)
     compile.<name>.s | .graphs | .frames | .graph_breaks | .recompiles
-Outputs: <out>/bench-<device>.json and .md, device = ``cpu-<n>cores`` or the CUDA card name, lower-case with
-dashes (``nvidia-h100-80gb-hbm3``).
+Outputs: <out>/bench-<device>.json and .md (``bench-<device>-<tag>.*`` with `--tag`), device = ``cpu-<n>cores``
+or the CUDA card name, lower-case with dashes (``nvidia-h100-80gb-hbm3``).
 
 Optional packages are imported on use: mlflow (tracking; `--no-track` skips it), captum (attribution),
 scikit-learn (probe). Without one, its part is skipped with a printed note, so the bench runs where only torch,
@@ -102,8 +102,8 @@ from models.sites import forward_paths, site_modules, site_names  # noqa: E402
 
 MICRO = tuple(s for s in BASELINE_OF if s.endswith("_micro"))
 # Full-size pairs, ordered so that a budget cut drops the least informative last (one per family first).
-FULL = ("steps_deit_s", "steps_swin_t", "steps_resnet50", "steps_deit_t", "steps_swin_s", "steps_resnet34",
-        "steps_deit_b", "steps_swin_b", "steps_resnet18")
+FULL = ("steps_deit_s", "steps_swin_t", "steps_resnet50", "steps_deit_b", "steps_deit_t", "steps_swin_s",
+        "steps_resnet34", "steps_swin_b", "steps_resnet18")
 # Default --cuda-graphs pairs: the small ones, where kernel launches weigh most (and graph memory is small).
 GRAPHS_DEFAULT = ("steps_deit_t", "steps_deit_s", "steps_swin_t", "steps_resnet18", "steps_resnet50") + MICRO
 SECTIONS = ("throughput", "overhead", "paths", "profile", "probe", "attribution", "compile", "graphs")
@@ -276,8 +276,9 @@ class Built:
     channels_last: bool
 
 
-def block_volume(model: nn.Module, input_size: tuple[int, ...]) -> int:
-    """Sum over the residual blocks of their output's elements for one image (memory-bound work grows with it)."""
+def macs_and_volume(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int]:
+    """count_macs (batch 1) and, from the same forward pass, the block volume: the sum over the residual blocks
+    of their output's elements for one image (memory-bound work grows with it)."""
     blocks = [m for n, m in site_modules(model).items() if n.startswith("blocks.")]
     total = [0]
 
@@ -286,12 +287,11 @@ def block_volume(model: nn.Module, input_size: tuple[int, ...]) -> int:
 
     handles = [b.register_forward_hook(hook) for b in blocks]
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size))
+        macs = count_macs(model, input_size)
     finally:
         for h in handles:
             h.remove()
-    return total[0]
+    return macs, total[0]
 
 
 def build(name: str, setup: Setup) -> Built:
@@ -300,7 +300,7 @@ def build(name: str, setup: Setup) -> Built:
     kwargs = {"num_classes": 10} if name.endswith("_micro") else {}
     model = models.create_model(name, **kwargs)
     size = tuple(int(v) for v in model.pretrained_cfg["input_size"])
-    macs, params, volume = count_macs(model, size), count_params(model), block_volume(model, size)
+    (macs, volume), params = macs_and_volume(model, size), count_params(model)
     channels_last = setup.cuda and family_of(name) == "resnet"
     model = model.to(setup.device)
     if channels_last:
@@ -731,8 +731,12 @@ def counter_snapshot() -> dict[str, int]:
             "breaks": int(sum(counters["graph_break"].values()))}
 
 
-def measure_compile(steps_name: str, setup: Setup, mode: str) -> dict:
-    """torch.compile of the training forward of a pair: compile cost, graph counts, compiled ratio."""
+def measure_compile(steps_name: str, setup: Setup, mode: str,
+                    on_partial: Callable[[dict], None] | None = None) -> dict:
+    """torch.compile of the training forward of a pair: compile cost, graph counts, compiled ratio.
+
+    `on_partial(res)` is called with the (growing) result after each model compiled, so a run stopped during
+    the next compile keeps what was measured."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -761,6 +765,8 @@ def measure_compile(steps_name: str, setup: Setup, mode: str) -> dict:
                                  "graph_breaks": after["breaks"] - before["breaks"]}
         log(f"compile: {b.name} {compile_s:.1f} s, {res['models'][b.name]}")
         fns[role] = fn
+        if on_partial:
+            on_partial(res)
     before = counter_snapshot()
     t = interleave(fns, setup, warmup=1)
     after = counter_snapshot()
@@ -854,8 +860,9 @@ def explain(pair: dict, profiles: dict[str, dict], overhead: dict | None) -> str
         base = pb["total_ms"]
         parts = ", ".join(f"{k} {100 * (ps[f'{k}_ms'] - pb[f'{k}_ms']) / base:+.0f}%"
                           for k in CATEGORIES)
+        busy = (f"; busy {fmt(ps['busy'], 2)} vs {fmt(pb['busy'], 2)}" if s.get("clock") == "device" else "")
         line.append(f"Profiled {what} time x{ps['total_ms'] / base:.2f} ({parts} of the baseline's time; GEMM/conv/"
-                    f"attention rate {gflops(ps)} vs {gflops(pb)} GFLOP/s; {ps['ops']} vs {pb['ops']} ops).")
+                    f"attention rate {gflops(ps)} vs {gflops(pb)} GFLOP/s; {ps['ops']} vs {pb['ops']} ops{busy}).")
     if overhead:
         line.append(f"Steps wiring alone: {100 * overhead['train']['wiring_share']:.1f}% (train), "
                     f"{100 * overhead['infer']['wiring_share']:.1f}% (infer) of the stacks' time.")
@@ -864,7 +871,7 @@ def explain(pair: dict, profiles: dict[str, dict], overhead: dict | None) -> str
 
 def markdown(rep: dict) -> str:
     st = rep["settings"]
-    L = [f"# StepsLab bench: {rep['device']}", "",
+    L = [f"# StepsLab bench: {rep['device']}" + (f" ({rep['tag']})" if rep.get("tag") else ""), "",
          f"{rep['date']} - torch {rep['torch']}, timm {rep['timm']}, {rep['card']}, {rep['dtype']}, batch "
          f"{st['batch']}, {st['repeats']} interleaved rounds, budget {st['budget_s']} s, total "
          f"{fmt(rep.get('total_s'), 1)} s{' (--quick)' if st['quick'] else ''}.", "",
@@ -965,21 +972,24 @@ def markdown(rep: dict) -> str:
         L += [f"## Attribution: integrated gradients, {a['ig_steps']} steps, merge point of {a['model']}", "",
               f"{a['ips']:.2f} images/s ({a['images']} images in {a['seconds']:.1f} s, batch {a['batch_size']}, "
               f"internal batch {a['internal_batch_size']}) via {a['via']}; plain fwd+bwd (batch "
-              f"{a.get('fwd_bwd_batch')}) {a['fwd_bwd_ips']:.0f} images/s, so IG runs at {a['efficiency']:.2f} of "
-              f"the ideal fwd+bwd images/s / {a['ig_steps']}"
-              + (f"; completeness delta.rel {a['delta_rel']:.4f}" if a.get("delta_rel") is not None else "") + ".",
-              ""]
+              f"{a.get('fwd_bwd_batch')}) {a['fwd_bwd_ips']:.0f} images/s: IG runs at {a['efficiency']:.2f} x "
+              f"(fwd+bwd images/s / {a['ig_steps']})"
+              + (f"; completeness delta.rel {a['delta_rel']:.4f}" if a.get("delta_rel") is not None else "") + ". "
+              "Layer IG back-propagates only from the output down to the merge point, so an IG step costs less than "
+              "a full fwd+bwd and this efficiency can exceed 1.", ""]
     if rep.get("compile"):
         L += ["## torch.compile (training step)", "",
               "| Steps model | mode | compile s S / B | frames S | graphs S | graph breaks S | recompiles while "
               "timing | compiles once | train S | train B | **train ratio** |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in rep["compile"]:
-            s, b = c["models"][c["steps"]], c["models"][c["baseline"]]
-            L.append(f"| {c['steps']} | {c['mode']} | {s['compile_s']:.0f} / {b['compile_s']:.0f} | {s['frames']} | "
-                     f"{s['graphs']} | {s['graph_breaks']} | {c['recompiles_while_timing']} | {c['compiles_once']} | "
-                     f"{c['train']['ips']['steps']:.0f} | {c['train']['ips']['baseline']:.0f} | "
-                     f"{rng(c['train']['ratio'])} |")
+            cs, cb = c["models"].get(c["steps"], {}), c["models"].get(c["baseline"], {})
+            tr = c.get("train")
+            L.append(f"| {c['steps']} | {c['mode']} | {fmt(cs.get('compile_s'), 0)} / {fmt(cb.get('compile_s'), 0)} | "
+                     f"{fmt(cs.get('frames'))} | {fmt(cs.get('graphs'))} | {fmt(cs.get('graph_breaks'))} | "
+                     f"{fmt(c.get('recompiles_while_timing'))} | {fmt(c.get('compiles_once'))} | "
+                     + (f"{tr['ips']['steps']:.0f} | {tr['ips']['baseline']:.0f} | {rng(tr['ratio'])} |" if tr
+                        else "- | - | - |"))
         L.append("")
     if rep.get("graphs"):
         L += ["## CUDA graphs (whole model)", "",
@@ -1019,8 +1029,9 @@ def targets(rep: dict) -> list[dict]:
         out.append({"check": "probe.acc_gap", "value": p["acc_gap"], "target": f"<= {TARGET_PROBE_GAP}",
                     "pass": p["acc_gap"] <= TARGET_PROBE_GAP})
     for c in rep.get("compile", []):
-        out.append({"check": f"compile.{c['steps']} compiles once", "value": c["models"][c["steps"]]["graphs"],
-                    "target": "1 graph, 0 breaks, 0 recompiles", "pass": c["compiles_once"]})
+        if "compiles_once" in c:
+            out.append({"check": f"compile.{c['steps']} compiles once", "value": c["models"][c["steps"]]["graphs"],
+                        "target": "1 graph, 0 breaks, 0 recompiles", "pass": c["compiles_once"]})
     return out
 
 
@@ -1054,13 +1065,14 @@ def metrics_of(rep: dict) -> dict[str, float]:
         m[f"attr.ig{a['ig_steps']}.ips"] = a["ips"]
         m[f"attr.ig{a['ig_steps']}.efficiency"] = a["efficiency"]
     for c in rep.get("compile", []):
-        m[f"ratio.{c['steps']}.train_compiled"] = c["train"]["ratio"]["median"]
         for name, v in c["models"].items():
             m[f"compile.{name}.s"] = v["compile_s"]
             m[f"compile.{name}.graphs"] = v["graphs"]
             m[f"compile.{name}.frames"] = v["frames"]
             m[f"compile.{name}.graph_breaks"] = v["graph_breaks"]
-        m[f"compile.{c['steps']}.recompiles"] = c["recompiles_while_timing"]
+        if "train" in c:
+            m[f"ratio.{c['steps']}.train_compiled"] = c["train"]["ratio"]["median"]
+            m[f"compile.{c['steps']}.recompiles"] = c["recompiles_while_timing"]
     for g in rep.get("graphs", []):
         for mode in ("infer", "train"):
             m[f"ratio.{g['steps']}.{mode}_graphed"] = g[mode]["ratio"]["median"]
@@ -1080,7 +1092,7 @@ def write(rep: dict, out: Path) -> Path:
     rep["targets"] = targets(rep)
     rep["metrics"] = metrics_of(rep)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench-{rep['device']}"
+    stem = out / f"bench-{rep['device']}{'-' + rep['tag'] if rep.get('tag') else ''}"
     for suffix, text in ((".json", json.dumps(rep, indent=1, default=_json_default) + "\n"),
                          (".md", markdown(rep))):
         tmp = stem.with_suffix(suffix + ".tmp")
@@ -1154,6 +1166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ig-steps", type=int, default=32)
     p.add_argument("--attr-model", default=None, help="micro Steps model for attribution (default: first micro)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    p.add_argument("--tag", default=None, help="output name suffix: bench-<device>-<tag>.json/.md")
     p.add_argument("--no-track", action="store_true", help="do not log an MLflow run")
     return p.parse_args(argv)
 
@@ -1175,7 +1188,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
     return Setup(device=device, slug=name, card=card, dtype="bf16 autocast" if cuda else "fp32",
                  batch=args.batch or (32 if args.quick and not cuda else 128),
                  repeats=args.repeats or ((2 if cuda else 3) if args.quick else (3 if cuda else 7)),
-                 target_s=0.25 if cuda else 0.3, warmup=2 if cuda else 1, deadline=_T0 + budget, quick=args.quick)
+                 target_s=0.15 if cuda else 0.3, warmup=2 if cuda else 1, deadline=_T0 + budget, quick=args.quick)
 
 
 def main(argv=None) -> dict:
@@ -1209,7 +1222,8 @@ def main(argv=None) -> dict:
     import timm
 
     rep: dict[str, Any] = {
-        "device": setup.slug, "card": setup.card, "cuda": setup.cuda, "dtype": setup.dtype,
+        "device": setup.slug, "tag": slug(args.tag) if args.tag else None, "card": setup.card, "cuda": setup.cuda,
+        "dtype": setup.dtype,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "timm": timm.__version__,
         "cuda_version": torch.version.cuda,
         "settings": {"models": names, "batch": setup.batch, "repeats": setup.repeats, "budget_s": budget,
@@ -1239,7 +1253,7 @@ def main(argv=None) -> dict:
     # Reserve time for the sections after the pairs; each pair skipped if its estimate does not fit.
     reserve = 0.0
     if "probe" in sections and importlib.util.find_spec("sklearn") is not None:
-        reserve += (25.0 if setup.cuda else 70.0) * probe_n * probe_d / (50000 * 768) + 5
+        reserve += (25.0 if setup.cuda else 40.0) * probe_n * probe_d / (50000 * 768) + 5
     if "attribution" in sections and importlib.util.find_spec("captum") is not None:
         reserve += 15.0 if setup.cuda else 10.0 + 0.8 * (args.attr_images or (8 if args.quick else 32))
     if "compile" in sections:
@@ -1257,9 +1271,10 @@ def main(argv=None) -> dict:
     pair_s: list[float] = []
     per_pair = {"throughput", "overhead", "paths", "profile", "graphs"} & set(sections)
     for steps_name in names if per_pair else []:
-        est = max(pair_s) if pair_s else 0.0
+        est = statistics.mean(pair_s) if pair_s else 0.0
         if pair_s and setup.left() - reserve < est:
-            note = f"{steps_name}: skipped, {setup.left():.0f} s left of the budget (a pair takes ~{est:.0f} s)"
+            note = (f"{steps_name}: skipped, {setup.left():.0f} s left of the budget, {reserve:.0f} s of it kept for "
+                    f"the sections after the pairs (a pair took {est:.0f} s on average); raise --budget-s")
             notes.append(note)
             log(note)
             continue
@@ -1345,9 +1360,15 @@ def main(argv=None) -> dict:
             if setup.left() < need:
                 notes.append(f"compile {steps_name}: skipped, {setup.left():.0f} s left (needs ~{need:.0f} s)")
                 continue
-            r = guarded(f"compile {steps_name}", lambda: measure_compile(steps_name, setup, args.compile_mode))
+            def partial(res: dict) -> None:
+                if not any(c is res for c in rep["compile"]):
+                    rep["compile"].append(res)
+                write(rep, out)
+
+            r = guarded(f"compile {steps_name}",
+                        lambda: measure_compile(steps_name, setup, args.compile_mode, partial))
             if r:
-                rep["compile"].append(r)
+                partial(r)
                 log(f"compile {steps_name}: compiles once {r['compiles_once']}, train ratio {rng(r['train']['ratio'])}")
             free(setup.device)
             write(rep, out)

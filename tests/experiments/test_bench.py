@@ -77,3 +77,18 @@ def test_bench_rejects_unknown_names():
         bench.main(["--device", "cpu", "--models", "steps_nope", "--no-track"])
     with pytest.raises(SystemExit, match="unknown section"):
         bench.main(["--device", "cpu", "--sections", "throughput,warp", "--no-track"])
+
+
+def test_report_renders_a_compile_section_stopped_after_the_steps_model(tmp_path):
+    """A run killed during the baseline's compile keeps the Steps model's counters (partial results)."""
+    rep = {"device": "cpu-2cores", "tag": "compile", "card": "CPU", "cuda": False, "dtype": "fp32", "date": "now",
+           "torch": "x", "timm": "y", "settings": {"batch": 8, "repeats": 1, "budget_s": 60, "quick": True},
+           "notes": [], "errors": [],
+           "compile": [{"steps": "steps_deit_micro", "baseline": "deit_micro", "mode": "default",
+                        "models": {"steps_deit_micro": {"compile_s": 12.0, "frames": 1, "graphs": 1,
+                                                        "graph_breaks": 0}}}]}
+    stem = bench.write(rep, tmp_path)
+    assert stem.name == "bench-cpu-2cores-compile"
+    md = stem.with_suffix(".md").read_text()
+    assert "| steps_deit_micro | default | 12 / - | 1 | 1 | 0 | - | - | - | - | - |" in md
+    assert rep["metrics"]["compile.steps_deit_micro.graphs"] == 1.0 and rep["targets"] == []
