@@ -35,9 +35,10 @@ Markdown are rewritten after every section, so a run stopped early still leaves 
                  `probes.attribution.path_shares` (captum LayerIntegratedGradients; captum directly on the model
                  if that API does not fit), micro Steps model; images/s and the efficiency against
                  fwd+bwd images/s / steps (above 1 is possible: layer IG back-propagates only to the merge point)
-    compile      (`--compile`) torch.compile of a pair's training step: compile time, frames, graphs, graph
-                 breaks, recompiles while timing (the Steps model must compile to one graph, no recompiles per
-                 step), compiled throughput ratio
+    compile      (`--compile`) torch.compile of a pair, whole model, training step then inference forward:
+                 compile time, frames, graphs, graph breaks, recompiles while timing (the Steps model must
+                 compile to one graph, no recompiles per step), compiled throughput ratios
+                 (`--compile-mode reduce-overhead` adds CUDA graphs)
     graphs       (`--cuda-graphs`, CUDA only) whole-model CUDA graphs (inference: torch.cuda.graph; training:
                  torch.cuda.make_graphed_callables with autocast caching off), graphed throughput ratios; shapes
                  are static here, and graphs take the kernel-launch cost (which grows with the number of blocks,
@@ -48,7 +49,7 @@ Metric names (MLflow run of kind ``bench``; <model> is the Steps model unless sa
     ratio.<model>.infer_best | .train_best         ratio of the two sides' fastest rounds
     ratio.<model>.infer_cputime | .train_cputime   the same from process CPU time (CPU runs only)
     ratio.<model>.paths                   forward_paths (all paths) images/s / forward images/s
-    ratio.<model>.train_compiled          compiled Steps / compiled baseline (with --compile)
+    ratio.<model>.train_compiled | .infer_compiled   compiled Steps / compiled baseline (with --compile)
     ratio.<model>.infer_graphed | .train_graphed   with CUDA graphs (with --cuda-graphs)
     ips.<name>.infer | .train             images/s of every model, Steps and baseline
     overhead.<model>.infer | .train       Steps stacks time / same blocks on pre-made inputs - 1
@@ -57,7 +58,7 @@ Metric names (MLflow run of kind ``bench``; <model> is the Steps model unless sa
     peak.tflops                           measured matmul peak (TFLOP/s)
     probe.fit_s.<sklearn|torch>, probe.acc.<sklearn|torch>, probe.acc_gap
     attr.ig32.ips, attr.ig32.efficiency   (the number is --ig-steps)
-    compile.<name>.s | .graphs | .frames | .graph_breaks | .recompiles
+    compile.<name>.<train|infer>.compile_s | .graphs | .frames | .graph_breaks; compile.<model>.<phase>.recompiles
 Outputs: <out>/bench-<device>.json and .md (``bench-<device>-<tag>.*`` with `--tag`), device = ``cpu-<n>cores``
 or the CUDA card name, lower-case with dashes (``nvidia-h100-80gb-hbm3``).
 
@@ -99,6 +100,7 @@ import models  # noqa: E402  (registers the models in timm)
 from models.counting import count_macs, count_params  # noqa: E402
 from models.registry import BASELINE_OF, check_name, family_of, is_steps  # noqa: E402
 from models.sites import forward_paths, site_modules, site_names  # noqa: E402
+from models.steps import as_dense  # noqa: E402
 
 MICRO = tuple(s for s in BASELINE_OF if s.endswith("_micro"))
 # Full-size pairs, ordered so that a budget cut drops the least informative last (one per family first).
@@ -112,7 +114,7 @@ TARGET_RATIO = 0.95      # Steps / baseline images/s
 TARGET_PATHS = 0.90      # forward_paths / forward
 TARGET_PROBE_S = 30.0    # the faster probe backend, seconds
 TARGET_PROBE_GAP = 0.005  # accuracy difference between the backends
-COMPILE_NEED_S = {"cuda": 180.0, "cpu": 600.0}  # a pair's cold compile (Steps + baseline training step), about
+COMPILE_NEED_S = {"cuda": 90.0, "cpu": 120.0}  # a pair's cold compile (Steps + baseline training step), about
 PATH_Y = re.compile(r"stages\.\d+\.steps\.\d+\.y")
 _T0 = time.perf_counter()
 
@@ -340,13 +342,6 @@ def trainer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.de
     return run
 
 
-def dense(t: torch.Tensor) -> torch.Tensor:
-    """A dense copy in the tensor's own layout (channels_last stays channels_last)."""
-    if t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1:
-        return t.contiguous(memory_format=torch.channels_last)
-    return t.contiguous()
-
-
 # -------------------------------------------------------------------------------------------- measurements
 
 def measure_pair(steps: Built, base: Built, setup: Setup) -> dict:
@@ -403,7 +398,7 @@ def measure_overhead(steps: Built, setup: Setup) -> dict:
         for h in handles:
             h.remove()
     # The first C_i channels of the stack input stand in for [y_{i-1}, x_i]: same shape, dtype and layout.
-    pre = {i: [dense(captured[i].narrow(s.channel_dim, 0, w)) for w in s.widths] for i, s in enumerate(stacks)}
+    pre = {i: [as_dense(captured[i].narrow(s.channel_dim, 0, w)) for w in s.widths] for i, s in enumerate(stacks)}
 
     def stack_infer():
         with torch.inference_mode(), autocast(device):
@@ -733,10 +728,11 @@ def counter_snapshot() -> dict[str, int]:
 
 def measure_compile(steps_name: str, setup: Setup, mode: str,
                     on_partial: Callable[[dict], None] | None = None) -> dict:
-    """torch.compile of the training forward of a pair: compile cost, graph counts, compiled ratio.
+    """torch.compile of a pair, whole model: the training step, then the inference forward.
 
-    `on_partial(res)` is called with the (growing) result after each model compiled, so a run stopped during
-    the next compile keeps what was measured."""
+    Per model and phase: compile time, frames, graphs and graph breaks (the Steps model must be one graph with
+    no recompiles per step); per phase the compiled Steps / baseline ratio, interleaved. `on_partial(res)` is
+    called after each model compiled, so a run stopped during the next compile keeps what was measured."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -744,42 +740,56 @@ def measure_compile(steps_name: str, setup: Setup, mode: str,
     counters.clear()
     pair = {"steps": build(steps_name, setup), "base": build(BASELINE_OF[steps_name], setup)}
     x, y = batch_for(pair["steps"], setup)
-    res: dict[str, Any] = {"steps": steps_name, "baseline": BASELINE_OF[steps_name], "mode": mode, "models": {}}
-    fns = {}
-    for role, b in pair.items():
-        before = counter_snapshot()
-        b.model.train()
-        compiled = torch.compile(b.model, mode=mode)
-        fn = trainer(compiled, x, y, setup.device, params=b.model)
-        log(f"compile: {b.name} (training step, mode {mode})")
-        sync(setup.device)
-        t0 = time.perf_counter()
-        fn()
-        sync(setup.device)
-        compile_s = time.perf_counter() - t0
-        for _ in range(2):
+    res: dict[str, Any] = {"steps": steps_name, "baseline": BASELINE_OF[steps_name], "mode": mode,
+                           "models": {b.name: {} for b in pair.values()}}
+    for phase in ("train", "infer"):
+        fns = {}
+        for role, b in pair.items():
+            before = counter_snapshot()
+            b.model.train(phase == "train")
+            compiled = torch.compile(b.model, mode=mode)
+            fn = (trainer(compiled, x, y, setup.device, params=b.model) if phase == "train"
+                  else inferer(compiled, x, setup.device))
+            if "reduce-overhead" in mode:  # CUDA-graph trees reuse their output memory: mark each new step
+                fn = _step_marked(fn)
+            log(f"compile: {b.name} ({phase}, mode {mode})")
+            sync(setup.device)
+            t0 = time.perf_counter()
             fn()
+            sync(setup.device)
+            compile_s = time.perf_counter() - t0
+            for _ in range(2):
+                fn()
+            after = counter_snapshot()
+            res["models"][b.name][phase] = {"compile_s": compile_s, "frames": after["frames"] - before["frames"],
+                                            "graphs": after["graphs"] - before["graphs"],
+                                            "graph_breaks": after["breaks"] - before["breaks"]}
+            log(f"compile: {b.name} {phase} {compile_s:.1f} s, {res['models'][b.name][phase]}")
+            fns[role] = fn
+            if on_partial:
+                on_partial(res)
+        before = counter_snapshot()
+        t = interleave(fns, setup, warmup=1)
         after = counter_snapshot()
-        res["models"][b.name] = {"compile_s": compile_s, "frames": after["frames"] - before["frames"],
-                                 "graphs": after["graphs"] - before["graphs"],
-                                 "graph_breaks": after["breaks"] - before["breaks"]}
-        log(f"compile: {b.name} {compile_s:.1f} s, {res['models'][b.name]}")
-        fns[role] = fn
+        s = res["models"][steps_name][phase]
+        res[phase] = {"ips": {"steps": t.ips("steps", len(x)), "baseline": t.ips("base", len(x))},
+                      "ratio": t.ratio("steps", "base"), "recompiles_while_timing": after["frames"] - before["frames"]}
+        res[phase]["compiles_once"] = bool(s["frames"] == 1 and s["graphs"] == 1 and s["graph_breaks"] == 0
+                                           and res[phase]["recompiles_while_timing"] == 0)
         if on_partial:
             on_partial(res)
-    before = counter_snapshot()
-    t = interleave(fns, setup, warmup=1)
-    after = counter_snapshot()
-    res["recompiles_while_timing"] = after["frames"] - before["frames"]
+        del fns
+        torch._dynamo.reset()
     res["graph_breaks"] = {k: int(v) for k, v in counters["graph_break"].items()}
-    res["train"] = {"ips": {"steps": t.ips("steps", len(x)), "baseline": t.ips("base", len(x))},
-                    "ratio": t.ratio("steps", "base")}
-    s = res["models"][steps_name]
-    res["compiles_once"] = bool(s["frames"] == 1 and s["graphs"] == 1 and s["graph_breaks"] == 0
-                                and res["recompiles_while_timing"] == 0)
-    del pair, fns
-    torch._dynamo.reset()
+    del pair
     return res
+
+
+def _step_marked(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run():
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn()
+    return run
 
 
 def graphed_infer(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
@@ -978,19 +988,26 @@ def markdown(rep: dict) -> str:
               "Layer IG back-propagates only from the output down to the merge point, so an IG step costs less than "
               "a full fwd+bwd and this efficiency can exceed 1.", ""]
     if rep.get("compile"):
-        L += ["## torch.compile (training step)", "",
-              "| Steps model | mode | compile s S / B | frames S | graphs S | graph breaks S | recompiles while "
-              "timing | compiles once | train S | train B | **train ratio** |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += ["## torch.compile (whole model)", "",
+              "| Steps model | phase | mode | compile s S / B | frames S | graphs S | graph breaks S | recompiles "
+              "while timing | compiles once | S img/s | B img/s | **ratio** |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in rep["compile"]:
-            cs, cb = c["models"].get(c["steps"], {}), c["models"].get(c["baseline"], {})
-            tr = c.get("train")
-            L.append(f"| {c['steps']} | {c['mode']} | {fmt(cs.get('compile_s'), 0)} / {fmt(cb.get('compile_s'), 0)} | "
-                     f"{fmt(cs.get('frames'))} | {fmt(cs.get('graphs'))} | {fmt(cs.get('graph_breaks'))} | "
-                     f"{fmt(c.get('recompiles_while_timing'))} | {fmt(c.get('compiles_once'))} | "
-                     + (f"{tr['ips']['steps']:.0f} | {tr['ips']['baseline']:.0f} | {rng(tr['ratio'])} |" if tr
-                        else "- | - | - |"))
-        L.append("")
+            for phase in ("train", "infer"):
+                cs = c["models"].get(c["steps"], {}).get(phase, {})
+                cb = c["models"].get(c["baseline"], {}).get(phase, {})
+                if not cs:
+                    continue
+                r = c.get(phase)
+                L.append(f"| {c['steps']} | {phase} | {c['mode']} | {fmt(cs.get('compile_s'), 0)} / "
+                         f"{fmt(cb.get('compile_s'), 0)} | {fmt(cs.get('frames'))} | {fmt(cs.get('graphs'))} | "
+                         f"{fmt(cs.get('graph_breaks'))} | "
+                         + (f"{r['recompiles_while_timing']} | {r['compiles_once']} | {r['ips']['steps']:.0f} | "
+                            f"{r['ips']['baseline']:.0f} | {rng(r['ratio'])} |" if r else "- | - | - | - | - |"))
+        L += ["", "One `torch.compile` of the whole model per phase (the same mode for both models of a pair); "
+              "reduce-overhead adds CUDA graphs. Frames/graphs/breaks are counted by Dynamo over the compile and "
+              "two more calls: one frame and one graph means the Steps stacks trace into one graph, with no "
+              "recompile per step.", ""]
     if rep.get("graphs"):
         L += ["## CUDA graphs (whole model)", "",
               "| Steps model | infer S | infer B | **infer ratio** | train S | train B | **train ratio** |",
@@ -1029,9 +1046,14 @@ def targets(rep: dict) -> list[dict]:
         out.append({"check": "probe.acc_gap", "value": p["acc_gap"], "target": f"<= {TARGET_PROBE_GAP}",
                     "pass": p["acc_gap"] <= TARGET_PROBE_GAP})
     for c in rep.get("compile", []):
-        if "compiles_once" in c:
-            out.append({"check": f"compile.{c['steps']} compiles once", "value": c["models"][c["steps"]]["graphs"],
-                        "target": "1 graph, 0 breaks, 0 recompiles", "pass": c["compiles_once"]})
+        for phase in ("train", "infer"):
+            if phase in c:
+                v = c[phase]["ratio"]["median"]
+                out.append({"check": f"ratio.{c['steps']}.{phase}_compiled", "value": v,
+                            "target": f">= {TARGET_RATIO}", "pass": v >= TARGET_RATIO})
+                out.append({"check": f"compile.{c['steps']}.{phase} compiles once",
+                            "value": c["models"][c["steps"]][phase]["graphs"],
+                            "target": "1 graph, 0 breaks, 0 recompiles", "pass": c[phase]["compiles_once"]})
     return out
 
 
@@ -1065,14 +1087,14 @@ def metrics_of(rep: dict) -> dict[str, float]:
         m[f"attr.ig{a['ig_steps']}.ips"] = a["ips"]
         m[f"attr.ig{a['ig_steps']}.efficiency"] = a["efficiency"]
     for c in rep.get("compile", []):
-        for name, v in c["models"].items():
-            m[f"compile.{name}.s"] = v["compile_s"]
-            m[f"compile.{name}.graphs"] = v["graphs"]
-            m[f"compile.{name}.frames"] = v["frames"]
-            m[f"compile.{name}.graph_breaks"] = v["graph_breaks"]
-        if "train" in c:
-            m[f"ratio.{c['steps']}.train_compiled"] = c["train"]["ratio"]["median"]
-            m[f"compile.{c['steps']}.recompiles"] = c["recompiles_while_timing"]
+        for name, phases in c["models"].items():
+            for phase, v in phases.items():
+                for key in ("compile_s", "graphs", "frames", "graph_breaks"):
+                    m[f"compile.{name}.{phase}.{key}"] = v[key]
+        for phase in ("train", "infer"):
+            if phase in c:
+                m[f"ratio.{c['steps']}.{phase}_compiled"] = c[phase]["ratio"]["median"]
+                m[f"compile.{c['steps']}.{phase}.recompiles"] = c[phase]["recompiles_while_timing"]
     for g in rep.get("graphs", []):
         for mode in ("infer", "train"):
             m[f"ratio.{g['steps']}.{mode}_graphed"] = g[mode]["ratio"]["median"]
@@ -1228,7 +1250,8 @@ def main(argv=None) -> dict:
         "cuda_version": torch.version.cuda,
         "settings": {"models": names, "batch": setup.batch, "repeats": setup.repeats, "budget_s": budget,
                      "quick": setup.quick, "sections": sections, "target_s": setup.target_s,
-                     "channels_last_resnet": setup.cuda, "compile_mode": args.compile_mode if args.compile else None,
+                     "channels_last_resnet": setup.cuda,
+                     "compile_mode": args.compile_mode if "compile" in sections else None,
                      "probe_n": probe_n, "probe_d": probe_d, "ig_steps": args.ig_steps,
                      "threads": torch.get_num_threads()},
         "throughput": [], "overhead": [], "paths": [], "profile": [], "graphs": [], "mfu": {}, "notes": notes,
@@ -1369,11 +1392,10 @@ def main(argv=None) -> dict:
                         lambda: measure_compile(steps_name, setup, args.compile_mode, partial))
             if r:
                 partial(r)
-                log(f"compile {steps_name}: compiles once {r['compiles_once']}, train ratio {rng(r['train']['ratio'])}")
+                log(f"compile {steps_name}: compiles once {r['train']['compiles_once']}/{r['infer']['compiles_once']}, "
+                    f"ratio train {rng(r['train']['ratio'])}, infer {rng(r['infer']['ratio'])}")
             free(setup.device)
             write(rep, out)
-        if not setup.cuda:
-            notes.append("compile: training step only (an inference graph would be a second compile)")
     if not setup.cuda:
         rep["contention_end"] = guarded("contention", lambda: contention(setup))
         for key in ("contention_start", "contention_end"):

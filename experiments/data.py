@@ -22,14 +22,14 @@ import io
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "DATASETS", "SPLITS", "DataError", "LabeledImages", "load_dataset", "augment_batch", "batches",
+    "DATASETS", "SPLITS", "DataError", "LabeledImages", "load_dataset", "load_recorded", "augment_batch", "batches",
     "FASHION_MNIST_DIR", "make_hierarchy",
 ]
 
@@ -223,6 +223,21 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
     if name == "imagefolder":
         return _load_imagefolder(split, data_dir, limit, seed, **options)
     return _load_hierarchy(split, limit, seed, **options)
+
+
+def load_recorded(info: Mapping[str, Any], split: str, *, dataset: str | None = None, limit: int | None = None,
+                  seed: int = 0) -> LabeledImages:
+    """One split of the data a frozen model was trained on, as its model_info records it (dataset, options, and
+    data_dir where that folder exists here). A different `dataset` loads that one with its defaults: the
+    recorded options belong to the recorded dataset."""
+    name = dataset or info.get("dataset")
+    if not name:
+        raise DataError("the frozen model records no training dataset; give --dataset")
+    if name != info.get("dataset"):
+        return load_dataset(name, split, limit=limit, seed=seed)
+    data_dir = info.get("data_dir")
+    data_dir = data_dir if data_dir and Path(data_dir).is_dir() else None
+    return load_dataset(name, split, data_dir=data_dir, limit=limit, seed=seed, **(info.get("data_options") or {}))
 
 
 def _stratified(fine: np.ndarray, limit: int | None, seed: int) -> np.ndarray | None:

@@ -538,6 +538,7 @@ def model_info(cfg: TrainConfig, train_ds: LabeledImages, metrics: dict) -> dict
     """What a frozen model needs to be rebuilt and read: name, create kwargs, data, labels, seed, results."""
     return {
         "model": cfg.model, "create_kwargs": model_kwargs(cfg, train_ds), "dataset": cfg.dataset,
+        "data_options": dict(cfg.data_options), "data_dir": cfg.data_dir,
         "dataset_fingerprint": train_ds.fingerprint, "num_fine": train_ds.num_fine,
         "num_coarse": train_ds.num_coarse, "fine_to_coarse": train_ds.fine_to_coarse,
         "fine_names": train_ds.fine_names, "coarse_names": train_ds.coarse_names,

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["HookPoint", "StepsStack", "step_widths", "check_step_widths", "width_multiple_error"]
+__all__ = ["HookPoint", "StepsStack", "as_dense", "step_widths", "check_step_widths", "width_multiple_error"]
 
 
 class HookPoint(nn.Identity):
@@ -134,7 +134,7 @@ class StepsStack(nn.Module):
         groups = x.split(self.group_sizes, self.channel_dim)
         y = None
         for i, (step, x_i) in enumerate(zip(self.steps, groups)):
-            y = step(y, _dense(x_i) if i == 0 else x_i)
+            y = step(y, as_dense(x_i) if i == 0 else x_i)
         return y
 
     @property
@@ -143,7 +143,7 @@ class StepsStack(nn.Module):
         return [b - a for a, b in zip([0] + self.widths[:-1], self.widths)]
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
+def as_dense(t: torch.Tensor) -> torch.Tensor:
     """`t` as a dense tensor in its own memory layout (channels_last stays channels_last; a no-op if dense)."""
     if t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1:  # a channel slice of an NHWC (channels_last) map
         return t.contiguous(memory_format=torch.channels_last)

@@ -519,7 +519,7 @@ def attribute(*, model: str | None = None, run: str | None = None, path: str = "
     from types import SimpleNamespace
 
     from experiments import tracking
-    from experiments.data import load_dataset
+    from experiments.data import load_recorded
     from probes.run import _frozen  # the CLI's frozen-model resolution (--model newest, or --run REF)
 
     check_choice("path", path, PATHS)
@@ -531,8 +531,8 @@ def attribute(*, model: str | None = None, run: str | None = None, path: str = "
     dataset = dataset or info.get("dataset")
     if not dataset:
         raise ValueError(f"frozen model {ref} records no training dataset; give --dataset")
-    train_ds = load_dataset(dataset, "train", limit=probe_limit, seed=seed)
-    test_ds = load_dataset(dataset, "test", limit=limit, seed=seed)
+    train_ds = load_recorded(info, "train", dataset=dataset, limit=probe_limit, seed=seed)
+    test_ds = load_recorded(info, "test", dataset=dataset, limit=limit, seed=seed)
     params = {"model": name, "ref": ref, "path": path, "method": method, "dataset": dataset, "limit": limit,
               "probe_limit": probe_limit, "seed": seed, "steps": n_steps, "ablations": ",".join(modes),
               "pool": pool, "batch_size": batch_size, "internal_batch_size": internal_batch_size, "draws": draws,

@@ -184,7 +184,7 @@ def _check_choices(cfg: ProbeConfig) -> list[str]:
 def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeReport:
     """Load the frozen model, extract features, probe, print the table, log one MLflow run of kind ``probe``."""
     from experiments import tracking
-    from experiments.data import load_dataset
+    from experiments.data import load_recorded
 
     levels = _check_choices(cfg)
     tracking.configure(cfg.tracking_uri)
@@ -195,8 +195,8 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
     dataset = cfg.dataset or info.get("dataset")
     if not dataset:
         raise ValueError(f"frozen model {ref} records no training dataset; give --dataset")
-    train_ds = load_dataset(dataset, "train", limit=cfg.limit, seed=cfg.seed)
-    test_ds = load_dataset(dataset, "test", limit=cfg.test_limit, seed=cfg.seed)
+    train_ds = load_recorded(info, "train", dataset=dataset, limit=cfg.limit, seed=cfg.seed)
+    test_ds = load_recorded(info, "test", dataset=dataset, limit=cfg.test_limit, seed=cfg.seed)
     want = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())
     have = (train_ds.in_chans, train_ds.img_size, train_ds.images.shape[3])
     if want and tuple(want) != have:

@@ -85,10 +85,11 @@ def test_report_renders_a_compile_section_stopped_after_the_steps_model(tmp_path
            "torch": "x", "timm": "y", "settings": {"batch": 8, "repeats": 1, "budget_s": 60, "quick": True},
            "notes": [], "errors": [],
            "compile": [{"steps": "steps_deit_micro", "baseline": "deit_micro", "mode": "default",
-                        "models": {"steps_deit_micro": {"compile_s": 12.0, "frames": 1, "graphs": 1,
-                                                        "graph_breaks": 0}}}]}
+                        "models": {"steps_deit_micro": {"train": {"compile_s": 12.0, "frames": 1, "graphs": 1,
+                                                                  "graph_breaks": 0}},
+                                   "deit_micro": {}}}]}
     stem = bench.write(rep, tmp_path)
     assert stem.name == "bench-cpu-2cores-compile"
     md = stem.with_suffix(".md").read_text()
-    assert "| steps_deit_micro | default | 12 / - | 1 | 1 | 0 | - | - | - | - | - |" in md
-    assert rep["metrics"]["compile.steps_deit_micro.graphs"] == 1.0 and rep["targets"] == []
+    assert "| steps_deit_micro | train | default | 12 / - | 1 | 1 | 0 | - | - | - | - | - |" in md
+    assert rep["metrics"]["compile.steps_deit_micro.train.graphs"] == 1.0 and rep["targets"] == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments import data
-from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, load_dataset
+from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, load_dataset, load_recorded
 
 FM = Path(data.FASHION_MNIST_DIR)
 needs_fm = pytest.mark.skipif(not (FM / "train-images-idx3-ubyte.gz").is_file(),
@@ -170,11 +169,17 @@ def test_hierarchy_is_deterministic_and_balanced(hier):
     assert rgb.images.shape == (32, 3, 32, 32) and len(rgb.mean) == 3
 
 
-def test_hierarchy_is_fast():
-    load_dataset("hierarchy", n=16)  # warm up imports
-    t = time.perf_counter()
-    ds = load_dataset("hierarchy", n=5000)
-    assert len(ds) == 5000 and time.perf_counter() - t < 2.0
+def test_load_recorded_uses_the_frozen_models_data_options(tmp_path):
+    info = {"dataset": "hierarchy", "data_options": {"n": 48, "img_size": 16}, "data_dir": str(tmp_path / "gone")}
+    train = load_recorded(info, "train", seed=2)
+    assert len(train) == 48 and train.img_size == 16
+    assert train.fingerprint == load_dataset("hierarchy", "train", n=48, img_size=16, seed=2).fingerprint
+    assert len(load_recorded(info, "test", limit=10)) == 10
+    # another dataset named by the user gets its own defaults, not the recorded options
+    other = load_recorded({"dataset": "fashion_mnist", "data_options": {}}, "test", dataset="hierarchy", limit=8)
+    assert other.img_size == 28 and len(other) == 8
+    with pytest.raises(DataError, match="records no training dataset"):
+        load_recorded({}, "train")
 
 
 def test_hierarchy_known_answer():

@@ -16,32 +16,6 @@ from experiments import tracking
 from experiments.tracking import TrackingError
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One default store for the module: creating an MLflow SQLite DB (migrations) takes seconds."""
-    root = tmp_path_factory.mktemp("stepslab_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STEPSLAB_HOME", str(root))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setattr(tracking, "_state", {"uri": None, "experiment_id": None})
-        tracking.configure()
-        yield root, dict(tracking._state)
-
-
-@pytest.fixture
-def store(home, monkeypatch):
-    """The module's store, configured; leaves no active run behind."""
-    root, state = home
-    monkeypatch.setenv("STEPSLAB_HOME", str(root))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracking, "_state", dict(state))
-    mlflow.set_tracking_uri(state["uri"])
-    mlflow.set_registry_uri(state["uri"])
-    yield root
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-
-
 def _run(run_id: str):
     return MlflowClient().get_run(run_id)
 
