@@ -774,6 +774,8 @@ def measure_compile(steps_name: str, setup: Setup, mode: str,
         s = res["models"][steps_name][phase]
         res[phase] = {"ips": {"steps": t.ips("steps", len(x)), "baseline": t.ips("base", len(x))},
                       "ratio": t.ratio("steps", "base"), "recompiles_while_timing": after["frames"] - before["frames"]}
+        if not setup.cuda:
+            res[phase]["ratio_cputime"] = t.ratio("steps", "base", cpu=True)
         res[phase]["compiles_once"] = bool(s["frames"] == 1 and s["graphs"] == 1 and s["graph_breaks"] == 0
                                            and res[phase]["recompiles_while_timing"] == 0)
         if on_partial:
@@ -988,10 +990,11 @@ def markdown(rep: dict) -> str:
               "Layer IG back-propagates only from the output down to the merge point, so an IG step costs less than "
               "a full fwd+bwd and this efficiency can exceed 1.", ""]
     if rep.get("compile"):
+        cpu = any("ratio_cputime" in c.get(ph, {}) for c in rep["compile"] for ph in ("train", "infer"))
         L += ["## torch.compile (whole model)", "",
               "| Steps model | phase | mode | compile s S / B | frames S | graphs S | graph breaks S | recompiles "
-              "while timing | compiles once | S img/s | B img/s | **ratio** |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "while timing | compiles once | S img/s | B img/s | **ratio** |" + (" ratio (CPU time) |" if cpu else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cpu else "")]
         for c in rep["compile"]:
             for phase in ("train", "infer"):
                 cs = c["models"].get(c["steps"], {}).get(phase, {})
@@ -1003,7 +1006,8 @@ def markdown(rep: dict) -> str:
                          f"{fmt(cb.get('compile_s'), 0)} | {fmt(cs.get('frames'))} | {fmt(cs.get('graphs'))} | "
                          f"{fmt(cs.get('graph_breaks'))} | "
                          + (f"{r['recompiles_while_timing']} | {r['compiles_once']} | {r['ips']['steps']:.0f} | "
-                            f"{r['ips']['baseline']:.0f} | {rng(r['ratio'])} |" if r else "- | - | - | - | - |"))
+                            f"{r['ips']['baseline']:.0f} | {rng(r['ratio'], best=True)} |" if r else "- | - | - | - | - |")
+                         + (f" {rng(r['ratio_cputime'])} |" if r and "ratio_cputime" in r else ""))
         L += ["", "One `torch.compile` of the whole model per phase (the same mode for both models of a pair); "
               "reduce-overhead adds CUDA graphs. Frames/graphs/breaks are counted by Dynamo over the compile and "
               "two more calls: one frame and one graph means the Steps stacks trace into one graph, with no "
