@@ -45,6 +45,8 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from models.registry import check_name
+
 from .features import block_features, extract, feature_specs, model_name_of, paired_steps_model
 from .linear import PROBES
 from .measures import Labels, measure, metrics_of
@@ -162,10 +164,14 @@ def _frozen(cfg: ProbeConfig, echo: Callable[[str], None]):
         return model, info, name, cfg.run
     if not cfg.model:
         raise ValueError("give --model NAME (its newest frozen model is used) or --run RUN_ID / models:/URI")
+    check_name(cfg.model)
     uri = tracking.newest_frozen(cfg.model)
     if uri is None:
+        # The 224 px models want 224 px images: fashion_mnist would give them one patch per image.
+        data = cfg.dataset or ("fashion_mnist" if cfg.model.endswith("_micro")
+                               else "imagefolder --data-dir DIR --data-option img_size=224")
         raise ValueError(f"no frozen model for {cfg.model}; make one with: probe train --model {cfg.model} "
-                         f"--dataset {cfg.dataset or 'fashion_mnist'}")
+                         f"--dataset {data}")
     model, info = tracking.load_frozen(uri)
     echo(f"using frozen model {uri} (newest for {cfg.model}; run {info.get('run_id')})")
     return model, info, cfg.model, uri

@@ -102,6 +102,9 @@ def test_bad_inputs_are_one_line_errors(baseline):
     _one_line_error(_invoke("--model", "steps_resnet34", "--dataset", "cifar10"),
                     "probe train --model steps_resnet34 --dataset cifar10")
     _one_line_error(_invoke("--run", baseline, "--layers", "99"), "out of range")
+    _one_line_error(_invoke("--model", "steps_deit_q"), "unknown model 'steps_deit_q'; allowed: steps_deit_t")
+    _one_line_error(_invoke("--model", "steps_deit_b", "--path", "slow"),
+                    "--model steps_deit_b --dataset imagefolder --data-dir DIR --data-option img_size=224")
 
 
 def test_nan_features_are_a_one_line_error():
