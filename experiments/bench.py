@@ -111,7 +111,7 @@ FULL = ("steps_deit_s", "steps_swin_t", "steps_resnet50", "steps_deit_b", "steps
 GRAPHS_DEFAULT = ("steps_deit_t", "steps_deit_s", "steps_swin_t", "steps_resnet18", "steps_resnet50") + MICRO
 SECTIONS = ("throughput", "overhead", "paths", "profile", "probe", "attribution", "compile", "graphs")
 DEFAULT_SECTIONS = ("throughput", "overhead", "paths", "profile", "probe", "attribution")
-COMPILE_NEED_S = {"cuda": 90.0, "cpu": 120.0}  # a pair's cold compile (Steps + baseline training step), about
+COMPILE_NEED_S = {"cuda": 90.0, "cpu": 120.0}  # least budget left to start compiling a pair (partials are kept)
 PATH_Y = re.compile(r"stages\.\d+\.steps\.\d+\.y")
 _T0 = time.perf_counter()
 
@@ -473,8 +473,6 @@ def measure_paths(steps: Built, setup: Setup) -> dict:
             "paths_ips": t.ips("paths", len(x)), "ratio": t.ratio("paths", "forward")}
 
 
-
-
 def op_category(key: str) -> str:
     """gemm: projections and convolutions; attn: attention products and softmax (fused or not; bmm is only used
     by attention in these models); copy: data movement; norm: layer/batch norm; other: elementwise and the rest."""
@@ -784,6 +782,7 @@ def measure_compile(steps_name: str, setup: Setup, mode: str,
 
 
 def _step_marked(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` preceded by cudagraph_mark_step_begin: each call is a new step for reduce-overhead's CUDA graphs."""
     def run():
         torch.compiler.cudagraph_mark_step_begin()
         return fn()

@@ -12,7 +12,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
