@@ -102,6 +102,7 @@ from models.sites import forward_paths, site_modules, site_names  # noqa: E402
 from models.steps import as_dense  # noqa: E402
 
 from experiments.bench_report import CATEGORIES, markdown, rng, write  # noqa: E402
+from experiments.train import resolve_device  # noqa: E402
 
 MICRO = tuple(s for s in BASELINE_OF if s.endswith("_micro"))
 # Full-size pairs, ordered so that a budget cut drops the least informative last (one per family first).
@@ -157,18 +158,6 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec not in ("cpu", "cuda") and not spec.startswith("cuda:"):
-        raise ValueError(f"unknown device {spec!r}; allowed: auto, cpu, cuda")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r}: CUDA is not available here; use --device cpu or auto")
-    device = torch.device(spec)
-    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
-        else device
 
 
 def autocast(device: torch.device, cache: bool = True):

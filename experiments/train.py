@@ -167,9 +167,11 @@ def validate(cfg: TrainConfig) -> None:
     resolve_device(cfg.device)
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:<local_rank> when CUDA is present, else cpu; 'cpu', 'cuda', 'cuda:N' as given."""
-    if spec == "auto":
+def resolve_device(spec: str | torch.device, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:<local_rank> when CUDA is present, else cpu; 'cpu', 'cuda', 'cuda:N' as given.
+
+    Raises ValueError (one line) for an unknown device or CUDA where there is none."""
+    if str(spec) == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(spec)

@@ -62,10 +62,11 @@ from torch import nn
 from tqdm import tqdm
 
 from experiments.data import LabeledImages, batches
+from experiments.train import resolve_device
 from models.sites import intervene, path_split, site_modules
 from probes import causal
-from probes.causal import ABLATIONS, Cut, coarse_scores
-from probes.features import _pool, extract, feature_specs, resolve_device
+from probes.causal import ABLATIONS, Cut, _no_bar, coarse_scores
+from probes.features import _pool, extract, feature_specs
 from probes.linear import fit_probe
 from probes.measures import bootstrap_ci
 
@@ -89,10 +90,6 @@ def check_choice(kind: str, value: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
     return value
-
-
-def _no_bar(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress
 
 
 class CoarseHead(nn.Module):
@@ -529,8 +526,6 @@ def attribute(*, model: str | None = None, run: str | None = None, path: str = "
     tracking.configure(tracking_uri)
     net, info, name, ref = _frozen(SimpleNamespace(model=model, run=run, dataset=dataset), echo)
     dataset = dataset or info.get("dataset")
-    if not dataset:
-        raise ValueError(f"frozen model {ref} records no training dataset; give --dataset")
     train_ds = load_recorded(info, "train", dataset=dataset, limit=probe_limit, seed=seed)
     test_ds = load_recorded(info, "test", dataset=dataset, limit=limit, seed=seed)
     params = {"model": name, "ref": ref, "path": path, "method": method, "dataset": dataset, "limit": limit,

@@ -54,11 +54,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from experiments.data import LabeledImages, batches
+from experiments.train import resolve_device
 from models.registry import BASELINE_OF, create_model
 from models.sites import channel_dim, forward_paths, path_split, site_modules
 
 __all__ = ["POOLS", "FeatureError", "FeatureSpec", "extract", "feature_specs", "feature_names", "block_features",
-           "paired_steps_model", "model_hash", "cache_dir", "resolve_device"]
+           "paired_steps_model", "model_hash", "cache_dir"]
 
 POOLS = ("cls", "mean", "tokens")
 DTYPES = ("float32", "float16")
@@ -275,13 +276,6 @@ def _read_cache(key: str) -> np.ndarray | None:
 
 
 # ------------------------------------------------------------------------------------------- extraction
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 def _pool(t: torch.Tensor, model: nn.Module, pool: str) -> torch.Tensor:
     """A site tensor -> [B, C] (cls, mean) or [B, T, C] (tokens), channels last, prefix tokens dropped."""

@@ -199,8 +199,6 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
     n_blocks = sum(1 for s in feature_specs(model, random_splits=0) if re.fullmatch(r"blocks\.\d+", s))
     layers = parse_layers(cfg.layers, n_blocks)
     dataset = cfg.dataset or info.get("dataset")
-    if not dataset:
-        raise ValueError(f"frozen model {ref} records no training dataset; give --dataset")
     train_ds = load_recorded(info, "train", dataset=dataset, limit=cfg.limit, seed=cfg.seed)
     test_ds = load_recorded(info, "test", dataset=dataset, limit=cfg.test_limit, seed=cfg.seed)
     want = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())

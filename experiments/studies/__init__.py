@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["STUDIES", "load_study", "make_config", "run_study", "study_group", "study_run", "finish",
-           "log", "resolve_device", "mean_std", "fit", "error_rate", "split_depth"]
+           "log", "mean_std", "fit", "error_rate", "split_depth"]
 
 # name -> one-line description (also the `probe study --help` listing, without importing torch)
 STUDIES: dict[str, str] = {
@@ -250,21 +250,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------- training
-
-
-def resolve_device(device: str) -> "torch.device":
-    """"auto" -> cuda when available, else cpu; anything else is passed to torch.device."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}; allowed: auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available here; allowed: auto, cpu")
-    return dev
 
 
 def split_depth(depth: int, num_steps: int) -> list[int]:

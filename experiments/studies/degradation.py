@@ -36,7 +36,8 @@ from torch import nn
 from tqdm import tqdm
 
 from experiments.data import load_dataset
-from experiments.studies import error_rate, finish, fit, log, mean_std, resolve_device, split_depth, study_run
+from experiments.studies import error_rate, finish, fit, log, mean_std, split_depth, study_run
+from experiments.train import resolve_device
 from models.steps import StepsStack, step_widths
 
 FAMILIES = ("plain", "residual", "highway", "steps")

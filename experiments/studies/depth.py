@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from experiments.data import load_dataset
-from experiments.studies import error_rate, finish, fit, log, mean_std, resolve_device, study_run
+from experiments.studies import error_rate, finish, fit, log, mean_std, study_run
+from experiments.train import resolve_device
 from experiments.studies.shortcut import make_deit, make_steps_deit
 from models.counting import count_macs, count_params
 from models.steps import StepsStack

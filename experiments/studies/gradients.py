@@ -42,7 +42,8 @@ from torch import nn
 from tqdm import tqdm
 
 from experiments.data import load_dataset
-from experiments.studies import finish, fit, log, mean_std, resolve_device, study_run
+from experiments.studies import finish, fit, log, mean_std, study_run
+from experiments.train import resolve_device
 from experiments.studies.degradation import FAMILIES, DeepMLP, match_width
 
 # Nielsen ch. 5, MNIST, his one initialisation: ||delta^l|| of the hidden layers at init.
