@@ -102,7 +102,7 @@ from models.sites import forward_paths, site_modules, site_names  # noqa: E402
 from models.steps import as_dense  # noqa: E402
 
 from experiments.bench_report import CATEGORIES, markdown, rng, write  # noqa: E402
-from experiments.train import resolve_device  # noqa: E402
+from experiments.train import autocast, resolve_device  # noqa: E402
 
 MICRO = tuple(s for s in BASELINE_OF if s.endswith("_micro"))
 # Full-size pairs, ordered so that a budget cut drops the least informative last (one per family first).
@@ -158,13 +158,6 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def autocast(device: torch.device, cache: bool = True):
-    """bf16 autocast on CUDA (as experiments/train.py), nothing on CPU (fp32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
-    return contextlib.nullcontext()
 
 
 def sync(device: torch.device) -> None:

@@ -51,7 +51,7 @@ import models  # noqa: E402
 from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, load_dataset  # noqa: E402
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "Dist", "train", "fit", "evaluate", "build_model",
-           "model_kwargs", "make_optimizer", "lr_at", "load_data", "resolve_device", "checkpoint_path",
+           "model_kwargs", "make_optimizer", "lr_at", "load_data", "resolve_device", "autocast", "checkpoint_path",
            "load_checkpoint", "steps_per_epoch", "run_demo"]
 
 CHECKPOINT_FORMAT = 1
@@ -267,8 +267,11 @@ def epoch_order(n: int, cfg: TrainConfig, epoch: int, dist: Dist = Dist()) -> to
     return order[:steps_per_epoch(n, cfg.batch_size, dist.world_size) * cfg.batch_size]
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def autocast(device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA, nothing on CPU (fp32). `cache=False` for CUDA-graph capture."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
+    return contextlib.nullcontext()
 
 
 def prepare(cfg: TrainConfig, train_ds: LabeledImages, device: torch.device, dist: Dist = Dist()) -> TrainState:
@@ -304,7 +307,7 @@ def evaluate(model: nn.Module, ds: LabeledImages, device: torch.device | str, ba
     fine_ok = torch.zeros((), dtype=torch.int64, device=device)
     coarse_ok = torch.zeros((), dtype=torch.int64, device=device)
     for x, fine, coarse in batches(ds, batch_size, shuffle=False, device=device):
-        with _autocast(device):
+        with autocast(device):
             logits = model(x).float()
         loss += F.cross_entropy(logits, fine, reduction="sum")
         probs = logits.softmax(-1)
@@ -340,7 +343,7 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float, c
     """One optimizer step at learning rate `lr`; returns the batch loss (float64, detached, on `device`)."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    with _autocast(device):
+    with autocast(device):
         loss = F.cross_entropy(state.net(x).float(), y, label_smoothing=cfg.label_smoothing)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
