@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as experiments/train.py: 
 
 import torch  # noqa: E402
 
+from experiments.bench import slug, sync  # noqa: E402  (results files are named as the bench's)
 from experiments.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from experiments.train import (TrainConfig, evaluate, fit, init_distributed, load_data, prepare,  # noqa: E402
                                steps_per_epoch)
@@ -72,11 +72,6 @@ def _load(cfg: TrainConfig):
     return train_ds, test_ds
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_model(cfg: TrainConfig, args: argparse.Namespace, train_ds, test_ds, device: torch.device) -> dict:
     """Calibrate, then train `cfg.model` for the budget (or `args.max_steps`), evaluate, and measure."""
     spe = steps_per_epoch(len(train_ds), cfg.batch_size)
@@ -107,11 +102,11 @@ def run_model(cfg: TrainConfig, args: argparse.Namespace, train_ds, test_ds, dev
     t0 = time.perf_counter()
     stopped = fit(cfg, state, train_ds, device, on_epoch=on_epoch,
                   time_limit_s=None if args.max_steps else 1.3 * args.budget_s)
-    _sync(device)
+    sync(device)
     wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     ev = evaluate(state.model, test_ds, device, batch_size=512)
-    _sync(device)
+    sync(device)
     eval_s = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
@@ -129,10 +124,6 @@ def run_model(cfg: TrainConfig, args: argparse.Namespace, train_ds, test_ds, dev
 
 def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 def markdown(report: dict) -> str:
