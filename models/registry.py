@@ -4,6 +4,8 @@ from __future__ import annotations
 import timm
 from torch import nn
 
+from .errors import UserError
+
 # Steps model -> its baseline at matched params / MACs.
 BASELINE_OF = {
     "steps_deit_t": "deit_t", "steps_deit_s": "deit_s", "steps_deit_b": "deit_b",
@@ -14,7 +16,7 @@ BASELINE_OF = {
 MODELS: tuple[str, ...] = tuple(BASELINE_OF) + tuple(BASELINE_OF.values())
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     """A model name StepsLab does not know."""
 
 

@@ -23,13 +23,15 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .errors import UserError
+
 __all__ = ["site_modules", "site_names", "channel_dim", "path_split", "forward_paths", "intervene",
            "ablate_channels", "SiteError", "StepsPaths"]
 
 DERIVED = ("slow_path", "fast_path")
 
 
-class SiteError(ValueError):
+class SiteError(UserError):
     """An unknown site name, or a site this model does not have."""
 
 
