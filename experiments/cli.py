@@ -5,30 +5,41 @@ set STEPSLAB_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
 
+from experiments.options import AttributeConfig, ProbeConfig, TrainConfig, click_options, from_cli
+
 
 class _Group(click.Group):
-    """Turns user errors (bad names, values, missing data or runs) into one line instead of a traceback."""
+    """Applies the one error policy (experiments.errors): a user's mistake is one line and exit 2, a bug shows
+    its traceback. click's own usage errors (bad option, value not among the choices) are exit 2 too."""
+
+    def main(self, *args, **kwargs):
+        # click would print usage and a hint around a usage error: one line instead, as for every mistake.
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
 
     def invoke(self, ctx):
+        from experiments.errors import report
+
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 - filtered just below
-            if os.environ.get("STEPSLAB_DEBUG") or not _is_user_error(exc):
-                raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-
-def _is_user_error(exc: Exception) -> bool:
-    from experiments.tracking import TrackingError
-    return isinstance(exc, (ValueError, TrackingError, FileNotFoundError))
+        except Exception as exc:  # noqa: BLE001 - the policy decides: one line or a traceback
+            sys.exit(report(exc))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,86 +145,23 @@ _add_study_group()
 
 
 @main.command("attribute")
-@click.option("--model", default=None, help="Model name; its newest frozen model is used unless --run is given.")
-@click.option("--run", "run_ref", default=None, metavar="REF", help="Frozen model: run id, models:/ URI or name.")
-@click.option("--path", default="both", show_default=True, help="slow, fast or both (maps and causal tests).")
-@click.option("--method", default="ig", show_default=True,
-              help="Input attribution for the path maps: ig, saliency, gradshap, deeplift, occlusion.")
-@click.option("--dataset", default=None, help="Default: the frozen model's training dataset.")
-@click.option("--limit", type=int, default=256, show_default=True, help="Test images attributed and ablated.")
-@click.option("--probe-limit", type=int, default=2000, show_default=True, help="Train images for the path probes.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", "n_steps", type=int, default=32, show_default=True, help="Integrated-gradients steps.")
-@click.option("--ablation", "modes", multiple=True, default=("zero", "mean", "resample"), show_default=True,
-              help="Ablation modes (repeat); the first gives selectivity.<path>.")
-@click.option("--pool", default="mean", show_default=True, help="Pooling of the probed path features.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per attribution batch.")
-@click.option("--internal-batch-size", type=int, default=256, show_default=True,
-              help="captum's internal_batch_size (interpolation points per forward pass).")
-@click.option("--draws", type=int, default=3, show_default=True, help="Random channel sets per control size.")
-@click.option("--max-delta", type=float, default=0.05, show_default=True,
-              help="Fail when |convergence delta| exceeds this fraction of the mean |F(x) - F(baseline)|.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--tracking-uri", default=None, metavar="URI")
-def attribute_cmd(model, run_ref, path, method, dataset, limit, probe_limit, seed, n_steps, modes, pool, batch_size,
-                  internal_batch_size, draws, max_delta, device, tracking_uri) -> None:
+@click_options(AttributeConfig)
+def attribute_cmd(**values) -> None:
     """Path shares (layer IG), path input maps, ablation/patching with damage-matched controls; one MLflow run."""
-    from probes.attribution import attribute, format_summary
+    from experiments.attribute import attribute, format_summary
 
-    res = attribute(model=model, run=run_ref, path=path, method=method, dataset=dataset, limit=limit,
-                    probe_limit=probe_limit, seed=seed, n_steps=n_steps, modes=modes, pool=pool,
-                    batch_size=batch_size, internal_batch_size=internal_batch_size, draws=draws,
-                    max_delta=max_delta, device=device, tracking_uri=tracking_uri,
-                    echo=lambda msg: click.echo(msg, err=True))
+    res = attribute(from_cli(AttributeConfig, values), echo=lambda msg: click.echo(msg, err=True))
     click.echo(format_summary(res.metrics))
     click.echo(f"run {res.run_id}")
 
 
 @main.command("run")
-@click.option("--model", default=None, help="Model name; its newest frozen model is used unless --run is given.")
-@click.option("--run", "run_ref", default=None, metavar="REF", help="Frozen model: run id, models:/ URI or name.")
-@click.option("--path", default="all", show_default=True,
-              help="Steps: slow, fast, full, all. Baselines: full, matched (slow/fast-width channel splits), all.")
-@click.option("--level", default="both", show_default=True,
-              help="coarse, fine, both, detail (fine within coarse), all.")
-@click.option("--dataset", default=None, help="Default: the frozen model's training dataset.")
-@click.option("--pool", default="mean", show_default=True, help="cls (DeiT), mean, tokens.")
-@click.option("--layers", default="none", show_default=True, help="none, all, or block indices (0,3,7): depth curves.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--limit", type=int, default=None, help="Train images (class-stratified subset); default all.")
-@click.option("--test-limit", type=int, default=None, help="Test images (class-stratified subset); default all.")
-@click.option("--probe", "probe_kind", default="auto", show_default=True, help="sklearn, torch, auto (by size).")
-@click.option("--random-splits", type=int, default=3, show_default=True, help="Baselines: random matched splits.")
-@click.option("--no-mdl", is_flag=True, help="Skip the online MDL (the slowest measure).")
-@click.option("--no-curves", is_flag=True, help="Skip the small-probe curves.")
-@click.option("--tracking-uri", default=None, metavar="URI")
-def run_cmd(model, run_ref, path, level, dataset, pool, layers, seed, limit, test_limit, probe_kind, random_splits,
-            no_mdl, no_curves, tracking_uri) -> None:
+@click_options(ProbeConfig)
+def run_cmd(**values) -> None:
     """Linear probes of the slow / fast paths (coarse vs fine labels), MDL, division of labour; one MLflow run."""
-    from probes.run import ProbeConfig, run_probe
+    from experiments.probe_run import run_probe
 
-    run_probe(ProbeConfig(model=model, run=run_ref, path=path, level=level, dataset=dataset, pool=pool, layers=layers,
-                          seed=seed, limit=limit, test_limit=test_limit, probe=probe_kind,
-                          random_splits=random_splits, mdl=not no_mdl, curves=not no_curves,
-                          tracking_uri=tracking_uri), echo=click.echo)
-
-
-def _key_values(items: tuple[str, ...], what: str) -> dict:
-    """("n=8000", "img_size=32") -> {"n": 8000, "img_size": 32}: ints and floats parsed, the rest kept as text."""
-    out: dict = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what} {item!r}: expected KEY=VALUE")
-        for parse in (int, float):
-            try:
-                out[key] = parse(text)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = text
-    return out
+    run_probe(from_cli(ProbeConfig, values), echo=click.echo)
 
 
 def _train_summary(results: list) -> str:
@@ -232,50 +180,22 @@ def _train_summary(results: list) -> str:
     return "\n".join([_format_table(header, rows), "", *where])
 
 
-@main.command("train")
-@click.option("--model", default="steps_deit_micro", show_default=True, help="Model name (see `probe models`).")
-@click.option("--dataset", default="fashion_mnist", show_default=True,
-              help="fashion_mnist, cifar10, cifar100, imagefolder, hierarchy.")
-@click.option("--data-dir", default=None, help="Dataset folder (default: the dataset's own default).")
-@click.option("--data-option", "data_options", multiple=True, metavar="KEY=VALUE",
-              help="Dataset option (repeat), e.g. n=8000 or img_size=32 for hierarchy.")
-@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
-              help="Extra create_model kwarg (repeat), e.g. patch_size=4.")
-@click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Per process (torchrun: per GPU).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
-@click.option("--clip-grad", type=float, default=1.0, show_default=True, help="Max gradient norm; 0: off.")
-@click.option("--drop-path", type=float, default=0.0, show_default=True, help="Stochastic depth rate.")
-@click.option("--limit", type=int, default=None, help="Train images (class-stratified subset); default all.")
-@click.option("--test-limit", type=int, default=None, help="Test images (class-stratified subset); default all.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Fixes init, data order, augmentation, subsets.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--no-augment", is_flag=True, help="No random translation / flip.")
-@click.option("--checkpoint-dir", default="checkpoints", show_default=True,
-              help="Checkpoints go to <dir>/<model>-<dataset>-seed<seed>/last.pt.")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint, in the same MLflow run.")
-@click.option("--no-register", is_flag=True, help="Do not register the frozen model.")
-@click.option("--max-steps", type=int, default=None, help="Stop (checkpointed) after this many optimizer steps.")
-@click.option("--log-every", type=int, default=20, show_default=True, help="Steps per logged train loss.")
-@click.option("--tracking-uri", default=None, metavar="URI")
-def train_cmd(model, dataset, data_dir, data_options, model_options, epochs, batch_size, lr, weight_decay,
-              warmup_epochs, label_smoothing, clip_grad, drop_path, limit, test_limit, seed, device, compile_,
-              no_augment, checkpoint_dir, resume, no_register, max_steps, log_every, tracking_uri) -> None:
-    """Train a model on fine labels (one MLflow run, checkpoint per epoch) and freeze it in the registry."""
-    from experiments.train import TrainConfig, train
+_TRACKING_URI = click.option("--tracking-uri", default=None, metavar="URI",
+                             help="Tracking store (default: $MLFLOW_TRACKING_URI, else mlruns/).")
 
-    cfg = TrainConfig(model=model, dataset=dataset, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr,
-                      weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-                      clip_grad=clip_grad, drop_path=drop_path, limit=limit, test_limit=test_limit, seed=seed,
-                      device=device, compile=compile_, augment=not no_augment, checkpoint_dir=checkpoint_dir,
-                      resume=resume, register=not no_register, max_steps=max_steps, log_every=log_every,
-                      data_options=_key_values(data_options, "--data-option"),
-                      model_kwargs=_key_values(model_options, "--model-option"))
-    res = train(cfg, tracking_uri)
+
+@main.command("train")
+@click_options(TrainConfig)
+@_TRACKING_URI
+def train_cmd(tracking_uri: str | None, **values) -> None:
+    """Train a model on fine labels (one MLflow run, checkpoint per epoch) and freeze it in the registry.
+
+    Several GPUs: torchrun --nproc_per_node=K -m experiments.train --model ... (the same options)."""
+    from experiments.train import train
+
+    res = train(from_cli(TrainConfig, values), tracking_uri)
+    if res.run_id is None:  # torchrun ranks other than 0 track nothing and print nothing
+        return
     click.echo(_train_summary([res]))
     click.echo(f"tracking {res.tracking_uri} (look: probe ui)")
 

@@ -11,29 +11,30 @@ abstract answer (coarse) or the detail (fine within coarse).
     hierarchy       generated, with a known answer: coarse = silhouette shape (a global factor), fine = shape x
                     texture (a local factor, invisible once the image is blurred).
 
-`load_dataset` returns a `LabeledImages`; `batches` iterates it fast from the in-memory tensors and
-`augment_batch` does random translation and flip on a whole batch. Nothing here writes files.
+`load_dataset` returns a `LabeledImages` (`probes.runtime`, with `batches`, which iterates it fast from the
+in-memory tensors); `augment_batch` does random translation and flip on a whole batch. Nothing here writes files.
 """
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from experiments.options import DATASETS
+from probes.runtime import DataError, LabeledImages, batches  # the container and its batching, shared with probes/
 
 __all__ = [
     "DATASETS", "SPLITS", "DataError", "LabeledImages", "load_dataset", "load_recorded", "augment_batch", "batches",
     "FASHION_MNIST_DIR", "make_hierarchy",
 ]
 
-DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "hierarchy")
 SPLITS: tuple[str, ...] = ("train", "test")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts the files
 
@@ -90,101 +91,8 @@ _OPTIONS = {  # keyword options each dataset accepts; anything else is a typo wo
 }
 
 
-class DataError(ValueError):
-    """User-facing data problem; message is one line naming the bad value and what is allowed."""
-
-
 def _choices(values: Sequence[str]) -> str:
     return ", ".join(values)
-
-
-class LabeledImages(torch.utils.data.Dataset):
-    """Images (uint8 [N, C, H, W]) with fine and coarse labels (int64 [N]) and their class names.
-
-    `__getitem__` returns (float image [C, H, W] normalised with `mean`/`std`, fine, coarse).
-    """
-
-    def __init__(self, images: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, *,
-                 fine_names: Sequence[str], coarse_names: Sequence[str], fine_to_coarse: Sequence[int],
-                 name: str, split: str, mean: Sequence[float], std: Sequence[float]):
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise TypeError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        n, c = images.shape[:2]
-        fine, coarse = torch.as_tensor(fine, dtype=torch.int64), torch.as_tensor(coarse, dtype=torch.int64)
-        if fine.shape != (n,) or coarse.shape != (n,):
-            raise TypeError(f"fine and coarse must be [{n}], got {tuple(fine.shape)} and {tuple(coarse.shape)}")
-        if len(fine_to_coarse) != len(fine_names) or len(mean) != c or len(std) != c:
-            raise TypeError("fine_to_coarse must have one entry per fine class, mean and std one per channel")
-        f2c = torch.as_tensor(list(fine_to_coarse), dtype=torch.int64)
-        if n and (fine.min() < 0 or fine.max() >= len(fine_names)):
-            raise DataError(f"{name}/{split}: fine label out of range 0..{len(fine_names) - 1}")
-        # A coarse label that disagrees with the fine one means the two columns use different class orders.
-        if n and not torch.equal(f2c[fine], coarse):
-            bad = int((f2c[fine] != coarse).nonzero()[0])
-            raise DataError(f"{name}/{split}: example {bad} has fine {int(fine[bad])} but coarse {int(coarse[bad])},"
-                            f" expected coarse {int(f2c[fine[bad]])}")
-        self.images, self.fine, self.coarse = images, fine, coarse
-        self.fine_names, self.coarse_names = list(fine_names), list(coarse_names)
-        self.fine_to_coarse = [int(k) for k in fine_to_coarse]
-        self.name, self.split = name, split
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self._norm_key, self._norm = None, None
-
-    @property
-    def num_fine(self) -> int:
-        return len(self.fine_names)
-
-    @property
-    def num_coarse(self) -> int:
-        return len(self.coarse_names)
-
-    @property
-    def in_chans(self) -> int:
-        return self.images.shape[1]
-
-    @property
-    def img_size(self) -> int:
-        return self.images.shape[2]
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 hex[:16] of name, split, sizes and the bytes of images and labels: same data, same value."""
-        h = hashlib.sha256(f"{self.name}|{self.split}|{tuple(self.images.shape)}".encode())
-        for t in (self.images, self.fine, self.coarse):
-            h.update(np.ascontiguousarray(t.detach().cpu().numpy()).data)  # no copy when already contiguous
-        return h.hexdigest()[:16]
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return self.normalise(self.images[i]), int(self.fine[i]), int(self.coarse[i])
-
-    def __repr__(self) -> str:
-        return (f"LabeledImages({self.name}/{self.split}: {len(self)} x {tuple(self.images.shape[1:])}, "
-                f"{self.num_fine} fine / {self.num_coarse} coarse)")
-
-    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> LabeledImages:
-        """The examples at `indices` (ints or a bool mask), with the same metadata and normalisation."""
-        idx = torch.as_tensor(np.asarray(indices) if not torch.is_tensor(indices) else indices)
-        if idx.dtype == torch.bool:
-            idx = idx.nonzero().flatten()
-        idx = idx.long().flatten()
-        return LabeledImages(self.images[idx], self.fine[idx], self.coarse[idx], fine_names=self.fine_names,
-                             coarse_names=self.coarse_names, fine_to_coarse=self.fine_to_coarse, name=self.name,
-                             split=self.split, mean=self.mean, std=self.std)
-
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [..., C, H, W] (one image or a batch, any device) -> float32, scaled to [0, 1] and normalised."""
-        if images.dtype != torch.uint8:
-            raise TypeError(f"normalise expects uint8 images, got {images.dtype}")
-        key = (images.device, self.mean, self.std)
-        if self._norm_key != key:  # keep the constants on the device: no host-to-device copy per batch
-            self._norm = (torch.tensor(self.mean, device=images.device).view(-1, 1, 1),
-                          torch.tensor(self.std, device=images.device).view(-1, 1, 1))
-            self._norm_key = key
-        mean, std = self._norm
-        return (images.float() / 255.0 - mean) / std
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -625,30 +533,3 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, *, pad: int 
     bi = torch.arange(b, device=images.device)[:, None, None]
     # Advanced indices around a slice put their broadcast dims first: [B, H, W, C].
     return images[bi, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
-
-
-def batches(ds: LabeledImages, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-            device: str | torch.device = "cpu", drop_last: bool = False
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (normalised float images [B, C, H, W], fine [B], coarse [B]) on `device`.
-
-    The uint8 tensors move to `device` once per call and are normalised there per batch. With `shuffle`, the
-    order comes from `generator` (torch's global RNG when None, as DataLoader does).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(ds)
-    images, fine, coarse = (t.to(device, non_blocking=True) for t in (ds.images, ds.fine, ds.coarse))
-    if shuffle:
-        gdev = generator.device if generator is not None else "cpu"
-        order = torch.randperm(n, generator=generator, device=gdev).to(images.device)
-    else:
-        order = None
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        if order is None:
-            sl = slice(start, min(start + batch_size, n))
-            yield ds.normalise(images[sl]), fine[sl], coarse[sl]
-        else:
-            idx = order[start:start + batch_size]
-            yield ds.normalise(images[idx]), fine[idx], coarse[idx]

@@ -59,6 +59,7 @@ from tqdm import tqdm  # noqa: E402
 
 from experiments.tracking import (KIND_TAG, TrackingError, configure, find_runs, log_dict_artifact,  # noqa: E402
                                   tracked_run)
+from models.errors import UserError  # noqa: E402
 
 __all__ = ["FIGURES", "SOURCES", "Source", "FiguresResult", "make_figures", "DPI", "RC"]
 
@@ -460,7 +461,7 @@ def _choose(name: str, pinned: list[Run]) -> list[Run]:
         return []
     mine = [r for r in pinned if source.fits(r)]
     if source.max_runs is not None and len(mine) > source.max_runs:
-        raise ValueError(f"--runs: figure {name} takes {source.max_runs} run; pinned "
+        raise UserError(f"--runs: figure {name} takes {source.max_runs} run; pinned "
                          f"{', '.join(r.info.run_id for r in mine)}")
     return mine or _newest(source)
 
@@ -479,14 +480,14 @@ def make_figures(out: str | Path = "experiments/figures", only: str | Sequence[s
     names = _names(only) or list(FIGURES)
     bad = [n for n in names if n not in FIGURES]
     if bad:
-        raise ValueError(f"--only: unknown figure {bad[0]!r}; allowed: {', '.join(FIGURES)}")
+        raise UserError(f"--only: unknown figure {bad[0]!r}; allowed: {', '.join(FIGURES)}")
     pinned = _pinned(_names(runs))
     # Resolve every figure's runs before anything is written, so a bad --runs fails cleanly.
     chosen = {name: _choose(name, pinned) for name in names}
     used = {r.info.run_id for rs in chosen.values() for r in rs}
     for r in pinned:
         if r.info.run_id not in used:
-            raise ValueError(f"--runs: run {r.info.run_id} ({r.data.tags.get(KIND_TAG, '?')}) feeds none of the "
+            raise UserError(f"--runs: run {r.info.run_id} ({r.data.tags.get(KIND_TAG, '?')}) feeds none of the "
                              f"figures {', '.join(names)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

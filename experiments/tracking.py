@@ -34,12 +34,15 @@ import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from models.errors import UserError  # noqa: E402
+from models.registry import check_name  # noqa: E402
+
 if TYPE_CHECKING:
     import pandas
 
 __all__ = [
     "TrackingError", "resolve_tracking_uri", "configure", "tracked_run", "log_metrics", "log_dict_artifact",
-    "log_figure", "register_frozen", "load_frozen", "newest_frozen", "find_runs",
+    "log_figure", "register_frozen", "load_frozen", "newest_frozen", "resolve_frozen", "find_runs",
 ]
 
 _log = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 _state: dict[str, str | None] = {"uri": None, "experiment_id": None}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError):
     """One-line user-facing error (unreachable URI, unknown run id, no frozen model)."""
 
 
@@ -468,6 +471,36 @@ def newest_frozen(model_name: str) -> str | None:
         f"tags.`{MODEL_TAG}` = '{model_name}'", max_results=1,
         order_by=["creation_timestamp DESC", "version_number DESC"])
     return f"models:/{versions[0].name}/{versions[0].version}" if versions else None
+
+
+def resolve_frozen(model: str | None, run: str | None, dataset: str | None = None,
+                   echo=print) -> tuple[torch.nn.Module, dict, str, str]:
+    """The frozen model a job works on: `run` (run id, models:/ URI or name), else the newest one of `model`.
+
+    Returns (model, its info, model name, the reference used). One-line errors when neither is given, when
+    they disagree, or when `model` has no frozen model yet (with the `probe train` command that makes one;
+    `dataset` only shapes that hint).
+    """
+    if run:
+        net, info = load_frozen(run)
+        name = info.get("model") or str((getattr(net, "pretrained_cfg", None) or {}).get("architecture")
+                                        or type(net).__name__)
+        if model and model != name:
+            raise TrackingError(f"--run {run} holds model {name!r}, not --model {model!r}")
+        return net, info, name, run
+    if not model:
+        raise TrackingError("give --model NAME (its newest frozen model is used) or --run RUN_ID / models:/URI")
+    check_name(model)
+    uri = newest_frozen(model)
+    if uri is None:
+        # The 224 px models want 224 px images: fashion_mnist would give them one patch per image.
+        data = dataset or ("fashion_mnist" if model.endswith("_micro")
+                           else "imagefolder --data-dir DIR --data-option img_size=224")
+        raise TrackingError(f"no frozen model for {model}; make one with: probe train --model {model} "
+                            f"--dataset {data}")
+    net, info = load_frozen(uri)
+    echo(f"using frozen model {uri} (newest for {model}; run {info.get('run_id')})")
+    return net, info, model, uri
 
 
 def find_runs(kind: str, filter_tags: dict | None = None, max_results: int = 100) -> "pandas.DataFrame":

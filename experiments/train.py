@@ -22,9 +22,7 @@ and tqdm are installed (experiments/gpu_check.py).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -49,6 +47,9 @@ from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
 from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, load_dataset  # noqa: E402
+from models.errors import UserError  # noqa: E402
+from experiments.options import TrainConfig  # noqa: E402
+from probes.runtime import autocast, resolve_device  # noqa: E402
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "Dist", "train", "fit", "evaluate", "build_model",
            "model_kwargs", "make_optimizer", "lr_at", "load_data", "resolve_device", "autocast", "checkpoint_path",
@@ -64,39 +65,6 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token")
 RESUME_FIXED = ("model", "dataset", "limit", "seed", "batch_size", "augment", "data_options",
                 "model_kwargs")
 _STREAM_ORDER, _STREAM_AUGMENT, _STREAM_GLOBAL = 1, 2, 3
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; logged as the MLflow params and stored in the checkpoint."""
-
-    model: str = "steps_deit_micro"
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    epochs: int = 5
-    batch_size: int = 128          # per process
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    clip_grad: float = 1.0         # max grad norm; 0 turns clipping off
-    drop_path: float = 0.0
-    limit: int | None = None       # class-stratified train subset (load_dataset limit)
-    test_limit: int | None = None  # class-stratified test subset
-    seed: int = 0
-    device: str = "auto"           # auto (CUDA when present), cpu, cuda, cuda:N
-    compile: bool = False
-    augment: bool = True
-    checkpoint_dir: str = "checkpoints"
-    resume: bool = False
-    register: bool = True
-    max_steps: int | None = None   # stop after this many optimizer steps in total (checkpointed, resumable)
-    log_every: int = 20            # optimizer steps per logged train loss / lr / images/s
-    data_options: dict = field(default_factory=dict)   # load_dataset options, e.g. hierarchy n / img_size
-    model_kwargs: dict = field(default_factory=dict)   # extra create_model kwargs, e.g. patch_size
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -163,28 +131,8 @@ def validate(cfg: TrainConfig) -> None:
               ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 or None")]
     for name, ok, allowed in checks:
         if not ok:
-            raise ValueError(f"{name} must be {allowed}, got {getattr(cfg, name)!r}")
+            raise UserError(f"{name} must be {allowed}, got {getattr(cfg, name)!r}")
     resolve_device(cfg.device)
-
-
-def resolve_device(spec: str | torch.device, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:<local_rank> when CUDA is present, else cpu; 'cpu', 'cuda', 'cuda:N' as given.
-
-    Raises ValueError (one line) for an unknown device or CUDA where there is none."""
-    if str(spec) == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"unknown device {spec!r}; allowed: auto, cpu, cuda, cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {spec!r}; allowed: auto, cpu, cuda, cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r}: CUDA is not available here; use --device cpu or auto")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
 
 
 def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
@@ -225,8 +173,10 @@ def build_model(cfg: TrainConfig, ds: LabeledImages) -> nn.Module:
     return models.create_model(cfg.model, drop_path_rate=cfg.drop_path, **model_kwargs(cfg, ds))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with two groups: weight decay for matrices and kernels, none for norms, biases, embeddings, tokens."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay for matrices and kernels, none for norms, biases, embeddings, tokens.
+
+    The one optimizer of StepsLab: `probe train` and the studies both build theirs here."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
     decay, no_decay = [], []
@@ -235,8 +185,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> t
             continue
         plain = p.ndim <= 1 or name in skip or any(k in name for k in (*NO_DECAY_NAMES, *keywords))
         (no_decay if plain else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), **({"fused": True} if fused else {}))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), **({"fused": True} if fused else {}))
 
 
 def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
@@ -244,15 +194,20 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return (n // world_size) // batch_size
 
 
+def warmup_cosine(step: int, *, peak: float, total: int, warmup: int, floor: float = 0.0) -> float:
+    """The one schedule: learning rate of optimizer step `step` (0-based) of `total`, linear warmup over
+    `warmup` steps to `peak`, then cosine down to `floor`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def lr_at(step: int, cfg: TrainConfig, spe: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to lr * MIN_LR_FRACTION."""
+    """`warmup_cosine` for a training run: warmup in epochs, cosine to lr * MIN_LR_FRACTION."""
     total = cfg.epochs * spe
-    warm = min(round(cfg.warmup_epochs * spe), total)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = min(1.0, (step - warm) / max(1, total - warm))
-    low = cfg.lr * MIN_LR_FRACTION
-    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return warmup_cosine(step, peak=cfg.lr, total=total, warmup=min(round(cfg.warmup_epochs * spe), total),
+                         floor=cfg.lr * MIN_LR_FRACTION)
 
 
 def _mix(*keys: int) -> int:
@@ -267,13 +222,6 @@ def epoch_order(n: int, cfg: TrainConfig, epoch: int, dist: Dist = Dist()) -> to
     return order[:steps_per_epoch(n, cfg.batch_size, dist.world_size) * cfg.batch_size]
 
 
-def autocast(device: torch.device, cache: bool = True):
-    """bf16 autocast on CUDA, nothing on CPU (fp32). `cache=False` for CUDA-graph capture."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
-    return contextlib.nullcontext()
-
-
 def prepare(cfg: TrainConfig, train_ds: LabeledImages, device: torch.device, dist: Dist = Dist()) -> TrainState:
     """Seed, build the model on `device` and its optimizer, wrap for DDP / compile: a fresh TrainState."""
     torch.manual_seed(cfg.seed)
@@ -281,7 +229,7 @@ def prepare(cfg: TrainConfig, train_ds: LabeledImages, device: torch.device, dis
     if device.type == "cuda" and models.family_of(cfg.model) == "resnet":
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
-    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, fused=device.type == "cuda")
     net = model
     if dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -338,17 +286,18 @@ def _start_epoch(cfg: TrainConfig, state: TrainState, epoch: int, dist: Dist, ge
     state.augment_state = None
 
 
-def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float, cfg: TrainConfig,
-               device: torch.device) -> torch.Tensor:
-    """One optimizer step at learning rate `lr`; returns the batch loss (float64, detached, on `device`)."""
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float, device: torch.device, *,
+               label_smoothing: float = 0.0, clip_grad: float = 0.0) -> torch.Tensor:
+    """One optimizer step at learning rate `lr` (cross-entropy, bf16 autocast on CUDA, optional clipping);
+    returns the batch loss (float64, detached, on `device`). `probe train` and the studies both step here."""
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     with autocast(device):
-        loss = F.cross_entropy(state.net(x).float(), y, label_smoothing=cfg.label_smoothing)
+        loss = F.cross_entropy(state.net(x).float(), y, label_smoothing=label_smoothing)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.clip_grad > 0:
-        nn.utils.clip_grad_norm_(state.model.parameters(), cfg.clip_grad)
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad)
     state.optimizer.step()
     return loss.detach().double()
 
@@ -366,7 +315,7 @@ def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages, device: to
     """
     spe = steps_per_epoch(len(train_ds), cfg.batch_size, dist.world_size)
     if spe < 1:
-        raise ValueError(f"{len(train_ds)} training images make no batch of {cfg.batch_size} per process"
+        raise UserError(f"{len(train_ds)} training images make no batch of {cfg.batch_size} per process"
                          f" ({dist.world_size} processes); lower batch_size or raise limit")
     images, fine = train_ds.images.to(device), train_ds.fine.to(device)
     flip = train_ds.name not in NO_FLIP_DATASETS
@@ -400,7 +349,7 @@ def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages, device: to
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             lr = lr_at(state.step, cfg, spe)
-            loss = train_step(state, x, y, lr, cfg, device)
+            loss = train_step(state, x, y, lr, device, label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad)
             interval_loss += loss
             state.epoch_loss = state.epoch_loss.to(device) + loss
             state.step, state.epoch_step = state.step + 1, i + 1
@@ -475,15 +424,15 @@ def load_checkpoint(path: Path | str) -> dict:
     """Read a checkpoint with `torch.load(weights_only=True)`; one-line errors for a missing or bad file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from at {path} (train once without --resume, or pass"
+        raise UserError(f"no checkpoint to resume from at {path} (train once without --resume, or pass"
                                 " the --checkpoint-dir and --seed that run used)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, not a torch file, unpickling refused
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ValueError(f"checkpoint {path} does not load ({first})") from None
+        raise UserError(f"checkpoint {path} does not load ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a StepsLab training checkpoint (format {CHECKPOINT_FORMAT})")
+        raise UserError(f"checkpoint {path} is not a StepsLab training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
 
 
@@ -492,10 +441,10 @@ def _check_resume(cfg: TrainConfig, ckpt: dict, path: Path, dist: Dist) -> None:
     old = ckpt["config"]
     for key in RESUME_FIXED:
         if old.get(key) != getattr(cfg, key):
-            raise ValueError(f"checkpoint {path} was trained with {key}={old.get(key)!r}, not"
+            raise UserError(f"checkpoint {path} was trained with {key}={old.get(key)!r}, not"
                              f" {getattr(cfg, key)!r}; resume with the same value")
     if ckpt["world_size"] != dist.world_size and ckpt["epoch_step"]:
-        raise ValueError(f"checkpoint {path} stopped mid-epoch with {ckpt['world_size']} processes; resume with"
+        raise UserError(f"checkpoint {path} stopped mid-epoch with {ckpt['world_size']} processes; resume with"
                          f" the same number, not {dist.world_size}")
     changed = [k for k, v in old.items() if k not in ("resume", "max_steps") and getattr(cfg, k, v) != v]
     if changed:
@@ -709,43 +658,6 @@ def run_demo(tracking_uri: str | None = None, *, limit: int = 4000, test_limit: 
 
 # ------------------------------------------------------------------------------------------ entry point
 
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, str | None]:
-    """Command-line flags generated from TrainConfig's fields (`--batch-size`, `--no-augment`, ...)."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, dict):
-            parser.add_argument(flag, type=json.loads, default=default, help="JSON object")
-        elif f.name in ("limit", "test_limit", "max_steps"):
-            parser.add_argument(flag, type=int, default=default)
-        elif f.name == "data_dir":
-            parser.add_argument(flag, default=default)
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
-    parser.add_argument("--tracking-uri", default=None)
-    args = vars(parser.parse_args(argv))
-    uri = args.pop("tracking_uri")
-    return TrainConfig(**args), uri
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    cfg, uri = parse_args(argv)
-    try:
-        result = train(cfg, uri)
-    except Exception as exc:  # the user errors the CLI prints as one line; anything else is a bug: traceback
-        if not (isinstance(exc, (ValueError, FileNotFoundError)) or type(exc).__name__ == "TrackingError"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if result.run_id is not None:
-        print(json.dumps({"run_id": result.run_id, "model_uri": result.model_uri, "metrics": result.metrics,
-                          "checkpoint": str(result.checkpoint)}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m experiments.train ...` and `torchrun -m experiments.train ...`: probe train
+    from experiments.cli import main
+    main(["train", *sys.argv[1:]], prog_name="python -m experiments.train")

@@ -33,6 +33,7 @@ from typing import IO, Iterator
 
 from experiments.tracking import (TrackingError, _default_root, _short, _sqlite_artifact_root, _temp_env,
                                   resolve_tracking_uri)
+from models.errors import UserError
 
 __all__ = ["UIServer", "serve_ui", "compare_url"]
 
@@ -132,7 +133,7 @@ class UIServer:
     def __init__(self, uri: str | None = None, port: int = 0, *, experiment: str = "stepslab",
                  startup_timeout: float = 90.0):
         if port < 0 or port > 65535:
-            raise ValueError(f"port {port}: must be 0 (a free one) or 1-65535")
+            raise UserError(f"port {port}: must be 0 (a free one) or 1-65535")
         self.uri = resolve_tracking_uri(uri)
         self.port = port
         self.experiment = experiment

@@ -1,6 +1,8 @@
 """Attribution by path: how much of a decision each path carries, where each path looks, and what it causes.
 
-`run_attribution` (the `probe attribute` command) measures, on a frozen model:
+The instruments here (`path_shares`, `path_maps`, `causal_tests`) take a model and `LabeledImages`; the job
+`experiments.attribute.run_attribution` (the `probe attribute` command) chains them and measures, on a frozen
+model:
 
 1. Path shares. Layer integrated gradients (captum `LayerIntegratedGradients`, zero-image baseline = the dataset
    mean colour) at a *cut* (see `probes.causal`): the merge point of the last step (y_{n-1} | x_n) and the final
@@ -53,7 +55,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -61,34 +63,32 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from experiments.data import LabeledImages, batches
-from experiments.train import resolve_device
+from models.errors import UserError
 from models.sites import intervene, path_split, site_modules
 from probes import causal
-from probes.causal import ABLATIONS, Cut, _no_bar, coarse_scores
+from probes.choices import ATTRIBUTION_LEVELS, ATTRIBUTION_PATHS, METHODS
+from probes.causal import ABLATIONS, Cut, coarse_scores
 from probes.features import _pool, extract, feature_specs
 from probes.linear import fit_probe
 from probes.measures import bootstrap_ci
+from probes.runtime import LabeledImages, bar_disabled, batches
 
 __all__ = ["METHODS", "PATHS", "LEVELS", "LOW_FREQ", "CompletenessError", "CoarseHead", "Shares", "path_shares",
            "shares_by_class", "ProbeHead", "probe_head", "path_features", "input_maps", "map_stats", "map_grid",
-           "path_maps", "causal_tests", "AttributionResult", "matched_split", "run_attribution", "attribute",
-           "format_summary", "check_choice"]
+           "path_maps", "causal_tests", "matched_split", "check_choice"]
 
-METHODS: tuple[str, ...] = ("ig", "saliency", "gradshap", "deeplift", "occlusion")
-PATHS: tuple[str, ...] = ("slow", "fast", "both")
-LEVELS: tuple[str, ...] = ("fine", "coarse")
+PATHS, LEVELS = ATTRIBUTION_PATHS, ATTRIBUTION_LEVELS
 LOW_FREQ = 0.125  # cycles/pixel: a quarter of Nyquist
 
 
-class CompletenessError(ValueError):
+class CompletenessError(UserError):
     """Attributions do not add up to the output difference (captum's convergence delta is too large)."""
 
 
 def check_choice(kind: str, value: str, allowed: Sequence[str]) -> str:
-    """`value` if it is one of `allowed`, else a one-line ValueError."""
+    """`value` if it is one of `allowed`, else a one-line UserError."""
     if value not in allowed:
-        raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
+        raise UserError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
     return value
 
 
@@ -148,7 +148,7 @@ def path_shares(model: nn.Module, ds: LabeledImages, cut: Cut, *, level: str = "
         warnings.simplefilter("ignore", UserWarning)
         lig = _captum().LayerIntegratedGradients(forward, [modules[s] for s in cut.sites])
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("slow", "fast", "outdiff", "delta", "label")}
-    bar = tqdm(total=len(ds), desc=f"shares {cut.name}/{level}", unit="img", leave=False, disable=_no_bar(progress))
+    bar = tqdm(total=len(ds), desc=f"shares {cut.name}/{level}", unit="img", leave=False, disable=bar_disabled(progress))
     for images, fine, coarse in batches(ds, batch_size, shuffle=False, device=device):
         target = fine if level == "fine" else coarse
         base = torch.zeros_like(images)
@@ -332,7 +332,7 @@ def path_maps(model: nn.Module, train_ds: LabeledImages, test_ds: LabeledImages,
         per: dict[str, list[torch.Tensor]] = {"low_freq_share": [], "entropy": []}
         deltas, first, outdiff = [], [], []
         bar = tqdm(total=len(test_ds), desc=f"maps {path}/{method}", unit="img", leave=False,
-                   disable=_no_bar(progress))
+                   disable=bar_disabled(progress))
         for images, fine, _ in batches(test_ds, batch_size, shuffle=False, device=device):
             maps, delta = input_maps(head, images, head.target(fine), method, n_steps=n_steps,
                                      internal_batch_size=internal_batch_size, references=refs)
@@ -378,7 +378,7 @@ def causal_tests(model: nn.Module, ds: LabeledImages, cut: Cut, paths: Sequence[
     metrics = {"acc.fine": base.fine_acc, "acc.coarse": base.coarse_acc}
     means = causal.site_means(model, ds, cut, **kw) if "mean" in modes else None
     rows = []
-    bar = tqdm(total=len(modes) * len(paths), desc=f"ablations {cut.name}", leave=False, disable=_no_bar(progress))
+    bar = tqdm(total=len(modes) * len(paths), desc=f"ablations {cut.name}", leave=False, disable=bar_disabled(progress))
     for mode in modes:
         control = causal.RandomChannelControl(model, ds, cut, mode, base, draws=draws, seed=seed, means=means,
                                               progress=progress, **kw)
@@ -416,14 +416,6 @@ def causal_tests(model: nn.Module, ds: LabeledImages, cut: Cut, paths: Sequence[
 
 # ------------------------------------------------------------------------------------------------- run
 
-@dataclass
-class AttributionResult:
-    """What `run_attribution` measured: metrics, JSON tables and the map grid figure (matplotlib)."""
-    metrics: dict[str, float] = field(default_factory=dict)
-    tables: dict[str, object] = field(default_factory=dict)
-    figure: object = None
-    run_id: str | None = None   # the MLflow run, when `attribute` logged one
-
 
 def matched_split(model: nn.Module, model_name: str | None = None) -> int:
     """Slow channels: the Steps model's own split, or the matched contiguous split of a baseline."""
@@ -432,126 +424,6 @@ def matched_split(model: nn.Module, model_name: str | None = None) -> int:
         return own
     spec = feature_specs(model, model_name=model_name, random_splits=0).get("matched.contiguous.slow")
     if spec is None:
-        raise ValueError(f"{model_name or type(model).__name__}: no slow/fast paths and no paired Steps model to "
+        raise UserError(f"{model_name or type(model).__name__}: no slow/fast paths and no paired Steps model to "
                          "copy a matched split from")
     return int(spec.stop)
-
-
-def run_attribution(model: nn.Module, train_ds: LabeledImages, test_ds: LabeledImages, *, path: str = "both",
-                    method: str = "ig", n_steps: int = 32, modes: Sequence[str] = ABLATIONS, pool: str = "mean",
-                    batch_size: int = 16, internal_batch_size: int = 256, draws: int = 3, max_delta: float = 0.05,
-                    seed: int = 0, device: str | torch.device = "auto", grid_images: int = 8,
-                    model_name: str | None = None, progress: bool | None = None, log=None) -> AttributionResult:
-    """Path shares, path maps and causal tests of `model` (module docstring). Probes train on `train_ds`;
-    everything else runs on `test_ds`. `log(metrics)` is called after each stage (e.g. tracking.log_metrics),
-    so the delta metrics are recorded before a `CompletenessError` is raised."""
-    check_choice("path", path, PATHS)
-    check_choice("method", method, METHODS)
-    for mode in modes:
-        check_choice("ablation", mode, ABLATIONS)
-    if n_steps < 1 or batch_size < 1 or draws < 1:
-        raise ValueError(f"steps, batch size and draws must be >= 1, got {n_steps}, {batch_size}, {draws}")
-    log = log or (lambda metrics: None)
-    device = resolve_device(device)
-    model.to(device).eval()
-    paths = ("slow", "fast") if path == "both" else (path,)
-    split = matched_split(model, model_name)
-    image = test_ds.normalise(test_ds.images[:1]).to(device)
-    cuts = {"merge": causal.merge_cut(model, image, split), "final": causal.final_cut(model, image, split)}
-    res = AttributionResult()
-    m = res.metrics
-
-    # 1. Path shares and completeness.
-    by_class, deltas = [], {"delta.max": [], "delta.rel": [], "delta.rel_max": []}
-    for cut in cuts.values():
-        for level in LEVELS:
-            sh = path_shares(model, test_ds, cut, level=level, n_steps=n_steps, batch_size=batch_size,
-                             internal_batch_size=internal_batch_size, device=device, progress=progress)
-            s = sh.summary()
-            for k in deltas:
-                deltas[k].append(s[k])
-            by_class += shares_by_class(sh, test_ds.fine_names if level == "fine" else test_ds.coarse_names)
-            if cut.name == "final":
-                m.update({f"share_final.{p}.{level}": s[f"share.{p}"] for p in ("slow", "fast")})
-                continue
-            m.update({f"{k}.{level}": v for k, v in s.items() if k.startswith(("share.", "abs_share.", "attr."))})
-            m[f"outdiff.{level}"] = s["outdiff"]
-    m.update({k: max(v) for k, v in deltas.items()})
-    res.tables["shares_by_class"] = by_class
-    log(m)
-    if m["delta.rel"] > max_delta:
-        raise CompletenessError(f"attributions miss completeness: mean |delta| is {m['delta.rel']:.1%} of the mean"
-                                f" |F(x) - F(baseline)| (limit {max_delta:.1%}); raise --steps (now {n_steps}) "
-                                "or --max-delta")
-
-    # 2. Where each path looks.
-    maps, stats, res.figure = path_maps(model, train_ds, test_ds, paths, method=method, pool=pool, n_steps=n_steps,
-                                        batch_size=batch_size, internal_batch_size=internal_batch_size, seed=seed,
-                                        device=device, model_name=model_name, grid_images=grid_images,
-                                        progress=progress)
-    m.update(maps)
-    res.tables["map_stats"] = stats
-    log(maps)
-
-    # 3. Causal tests at the merge point.
-    caus, rows = causal_tests(model, test_ds, cuts["merge"], paths, modes=modes, draws=draws, seed=seed,
-                              batch_size=max(batch_size, 64), device=device, progress=progress)
-    m.update(caus)
-    res.tables["causal"] = rows
-    res.tables["cuts"] = {name: vars(c) for name, c in cuts.items()}
-    log(caus)
-    return res
-
-
-def attribute(*, model: str | None = None, run: str | None = None, path: str = "both", method: str = "ig",
-              dataset: str | None = None, limit: int | None = 256, probe_limit: int | None = 2000, seed: int = 0,
-              n_steps: int = 32, modes: Sequence[str] = ABLATIONS, pool: str = "mean", batch_size: int = 16,
-              internal_batch_size: int = 256, draws: int = 3, max_delta: float = 0.05, device: str = "auto",
-              grid_images: int = 8, tracking_uri: str | None = None, echo=print) -> AttributionResult:
-    """The `probe attribute` command: resolve the frozen model, run `run_attribution` inside ONE MLflow run of
-    kind ``attribute`` tagged with the frozen model's run (``stepslab.source_run_id``), log metrics and artifacts.
-
-    `limit` test images are attributed, ablated and patched; `probe_limit` train images fit the path probes.
-    """
-    from types import SimpleNamespace
-
-    from experiments import tracking
-    from experiments.data import load_recorded
-    from probes.run import _frozen  # the CLI's frozen-model resolution (--model newest, or --run REF)
-
-    check_choice("path", path, PATHS)
-    check_choice("method", method, METHODS)
-    for mode in modes:
-        check_choice("ablation", mode, ABLATIONS)
-    tracking.configure(tracking_uri)
-    net, info, name, ref = _frozen(SimpleNamespace(model=model, run=run, dataset=dataset), echo)
-    dataset = dataset or info.get("dataset")
-    train_ds = load_recorded(info, "train", dataset=dataset, limit=probe_limit, seed=seed)
-    test_ds = load_recorded(info, "test", dataset=dataset, limit=limit, seed=seed)
-    params = {"model": name, "ref": ref, "path": path, "method": method, "dataset": dataset, "limit": limit,
-              "probe_limit": probe_limit, "seed": seed, "steps": n_steps, "ablations": ",".join(modes),
-              "pool": pool, "batch_size": batch_size, "internal_batch_size": internal_batch_size, "draws": draws,
-              "max_delta": max_delta, "low_freq": LOW_FREQ, "baseline": "zero image (dataset mean colour)",
-              "test_fingerprint": test_ds.fingerprint}
-    tags = {"stepslab.source_run_id": info.get("run_id") or "", "stepslab.model": name,
-            "stepslab.dataset": dataset}
-    with tracking.tracked_run("attribute", params, tags=tags) as active:
-        res = run_attribution(net, train_ds, test_ds, path=path, method=method, n_steps=n_steps, modes=modes,
-                              pool=pool, batch_size=batch_size, internal_batch_size=internal_batch_size,
-                              draws=draws, max_delta=max_delta, seed=seed, device=device, grid_images=grid_images,
-                              model_name=name, log=tracking.log_metrics)
-        tracking.log_dict_artifact(res.metrics, "summary.json")
-        tracking.log_dict_artifact(res.tables["shares_by_class"], "tables/shares_by_class.json")
-        tracking.log_dict_artifact(res.tables["causal"], "tables/causal.json")
-        tracking.log_dict_artifact({"cuts": res.tables["cuts"], "per_image": res.tables["map_stats"]},
-                                   "maps/stats.json")
-        tracking.log_figure(res.figure, "maps/grid.png")
-        res.run_id = active.info.run_id
-    return res
-
-
-def format_summary(metrics: dict[str, float]) -> str:
-    """The headline numbers, one line each, for the terminal."""
-    keys = [k for k in metrics if k.startswith(("share.", "delta.", "map.", "selectivity.", "acc.", "patch."))
-            and not k.endswith((".ci_low", ".ci_high")) and ".pairs_" not in k and ".keep_" not in k]
-    return "\n".join(f"{k:34s} {metrics[k]: .4f}" for k in sorted(keys))

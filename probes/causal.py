@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from experiments.data import LabeledImages, batches
+from models.errors import UserError
 from models.sites import channel_dim, forward_paths, intervene, path_split, site_modules
+from probes.choices import ABLATIONS
+from probes.runtime import LabeledImages, bar_disabled, batches
 
 __all__ = ["ABLATIONS", "Cut", "merge_cut", "final_cut", "coarse_scores", "Outcome", "evaluate", "site_means",
            "cut_edits", "RandomChannelControl", "ablation_effects", "patch_follow"]
 
-ABLATIONS: tuple[str, ...] = ("zero", "mean", "resample")
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,10 @@ def _check_split(model: nn.Module, split: int | None) -> int:
     own = path_split(model)
     split = own if own is not None else split
     if split is None:
-        raise ValueError(f"{type(model).__name__} has no slow/fast paths; allowed: a Steps model, or a baseline "
+        raise UserError(f"{type(model).__name__} has no slow/fast paths; allowed: a Steps model, or a baseline "
                          "with the matched split of its paired Steps model")
     if split <= 0:
-        raise ValueError(f"{type(model).__name__}: a single step has no slow path; allowed: models with >= 2 steps")
+        raise UserError(f"{type(model).__name__}: a single step has no slow path; allowed: models with >= 2 steps")
     return int(split)
 
 
@@ -144,11 +145,6 @@ class Outcome:
     @property
     def coarse_acc(self) -> float:
         return float(self.coarse_ok.mean())
-
-
-def _no_bar(progress: bool | None) -> bool | None:
-    """tqdm's `disable`: None (the default) shows bars on a terminal only."""
-    return None if progress is None else not progress
 
 
 def _derangement(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -221,7 +217,7 @@ def evaluate(model: nn.Module, ds: LabeledImages, *, cut: Cut | None = None, mas
         with intervene(model, edits):
             logits = model(images).float()
         if logits.shape[1] != ds.num_fine:
-            raise ValueError(f"model has {logits.shape[1]} classes, dataset {ds.name} {ds.num_fine} fine labels")
+            raise UserError(f"model has {logits.shape[1]} classes, dataset {ds.name} {ds.num_fine} fine labels")
         fp, cp = logits.argmax(1), coarse_scores(logits, f2c).argmax(1)
         out["fine_pred"].append(fp.cpu())
         out["coarse_pred"].append(cp.cpu())
@@ -267,7 +263,7 @@ class RandomChannelControl:
     def match(self, target: float) -> int:
         """The k in [1, width] whose mean loss increase is closest to `target` (bisection on a monotone curve)."""
         lo, hi = 1, self.cut.width
-        bar = tqdm(desc=f"control {self.cut.name}/{self.mode}", disable=_no_bar(self.progress),
+        bar = tqdm(desc=f"control {self.cut.name}/{self.mode}", disable=bar_disabled(self.progress),
                    leave=False, total=max(1, hi.bit_length()))
         while lo < hi:
             mid = (lo + hi) // 2

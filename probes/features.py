@@ -53,21 +53,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from experiments.data import LabeledImages, batches
-from experiments.train import resolve_device
+from models.errors import UserError
 from models.registry import BASELINE_OF, create_model
 from models.sites import channel_dim, forward_paths, path_split, site_modules
+from probes.choices import DTYPES, POOLS
+from probes.runtime import LabeledImages, batches, resolve_device
 
 __all__ = ["POOLS", "FeatureError", "FeatureSpec", "extract", "feature_specs", "feature_names", "block_features",
            "paired_steps_model", "model_hash", "cache_dir"]
 
-POOLS = ("cls", "mean", "tokens")
-DTYPES = ("float32", "float16")
 _MAGIC = b"STEPSLAB-FEATURES-1\n"
 _log = logging.getLogger(__name__)
 
 
-class FeatureError(ValueError):
+class FeatureError(UserError):
     """A user-facing feature problem (unknown name, pool, non-finite activations); one line."""
 
 

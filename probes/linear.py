@@ -26,10 +26,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from threadpoolctl import ThreadpoolController
 
+from models.errors import UserError
+from probes.choices import PROBES
+
 __all__ = ["PROBES", "CS", "AUTO_TORCH_ABOVE", "ProbeFit", "Standardiser", "fit_probe", "fit_proba",
            "choose_backend", "flat", "small_blas"]
 
-PROBES = ("sklearn", "torch", "auto")
 CS = (0.01, 0.1, 1.0, 10.0)  # regularisation grid; features are standardised so one grid fits all
 AUTO_TORCH_ABOVE = 4_000_000
 _EPS = 1e-12
@@ -86,7 +88,7 @@ class ProbeFit:
 def choose_backend(probe: str, n: int, d: int) -> str:
     """Resolve ``auto`` by size (see module docstring); check the name."""
     if probe not in PROBES:
-        raise ValueError(f"unknown probe {probe!r}; allowed: {', '.join(PROBES)}")
+        raise UserError(f"unknown probe {probe!r}; allowed: {', '.join(PROBES)}")
     if probe != "auto":
         return probe
     limit = AUTO_TORCH_ABOVE // 10 if torch.cuda.is_available() else AUTO_TORCH_ABOVE
@@ -176,7 +178,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
         raise ValueError(f"features and labels differ in length: {len(xtr)}/{len(y_train)}, {len(xte)}/{len(y_test)}")
     classes = np.unique(y_train)
     if len(classes) < 2:
-        raise ValueError(f"probe needs at least 2 classes in the training labels, got {classes.tolist()}")
+        raise UserError(f"probe needs at least 2 classes in the training labels, got {classes.tolist()}")
     backend = choose_backend(probe, *xtr.shape)
     ytr = _encode(y_train, classes)
     if C is None:

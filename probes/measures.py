@@ -18,13 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from models.errors import UserError
+from probes.choices import LEVELS
+
 from .linear import CS, ProbeFit, Standardiser, fit_probe, fit_proba, flat, small_blas
 
 __all__ = ["LEVELS", "MDL_FRACTIONS", "level_labels", "detail_groups", "MDLResult", "prequential_mdl",
            "geometric_ks", "pca_k", "random_k", "k_control", "bootstrap_ci", "division_of_labour", "Labels",
            "measure", "metrics_of"]
 
-LEVELS = ("coarse", "fine", "detail")
 # Block boundaries as fractions of the training set (Voita & Titov 2020): 0.1%, 0.2%, ..., 50%, 100%.
 MDL_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
 _SMOOTH = 1e-3  # mixed-in uniform mass: a class the block's probe never saw costs log2(K/1e-3), not infinity
@@ -109,7 +111,7 @@ def pca_k(x_train: np.ndarray, x_test: np.ndarray, k: int) -> tuple[np.ndarray, 
     """Project standardised features onto the top-k principal components of train: ``[N, k]`` each."""
     xtr, xte = flat(x_train), flat(x_test)
     if not 1 <= k <= min(xtr.shape):
-        raise ValueError(f"PCA to k={k}: allowed 1..{min(xtr.shape)} for features {xtr.shape}")
+        raise UserError(f"PCA to k={k}: allowed 1..{min(xtr.shape)} for features {xtr.shape}")
     st = Standardiser.fit(xtr)
     a, b = st(xtr), st(xte)
     with small_blas(a.size):
@@ -189,7 +191,7 @@ def _probe_level(xtr, xte, ltr: Labels, lte: Labels, level: str, probe: str, see
         fit = fit_probe(xtr[mtr], ltr.fine[mtr], xte[mte], lte.fine[mte], probe=probe, seed=seed)
         out.append((ltr.coarse_names[g], fit, mte))
     if not out:
-        raise ValueError("level detail: no coarse group has two fine classes with examples in train and test")
+        raise UserError("level detail: no coarse group has two fine classes with examples in train and test")
     return out
 
 

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import click
 
+from experiments.options import options_of
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,31 +53,35 @@ STUDIES: dict[str, str] = {
 
 
 def load_study(name: str) -> ModuleType:
-    """The module of study `name`; ValueError (one line) for an unknown name."""
+    """The module of study `name`; UserError (one line) for an unknown name."""
+    from models.errors import UserError  # here, not at the top: `probe --help` must not load timm
+
     if name not in STUDIES:
-        raise ValueError(f"unknown study {name!r}; allowed: {', '.join(STUDIES)}")
+        raise UserError(f"unknown study {name!r}; allowed: {', '.join(STUDIES)}")
     return importlib.import_module(f"experiments.studies.{name}")
 
 
 def _parse(value: Any, default: Any, field: str) -> Any:
     """A CLI / keyword value converted to the type of the field's default (tuples from "a,b,c")."""
+    from models.errors import UserError
+
     if isinstance(default, tuple):
         items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
         kind = type(default[0]) if default else str
         try:
             out = tuple(kind(v.strip()) if isinstance(v, str) else kind(v) for v in items)
         except ValueError:
-            raise ValueError(f"--{field.replace('_', '-')} {value!r}: expected comma-separated "
+            raise UserError(f"--{field.replace('_', '-')} {value!r}: expected comma-separated "
                              f"{kind.__name__} values, e.g. {','.join(map(str, default))}") from None
         if not out:
-            raise ValueError(f"--{field.replace('_', '-')} is empty; allowed: one or more values")
+            raise UserError(f"--{field.replace('_', '-')} is empty; allowed: one or more values")
         return out
     if isinstance(default, bool) or default is None:
         return value
     try:
         return type(default)(value)
     except ValueError:
-        raise ValueError(f"--{field.replace('_', '-')} {value!r}: expected {type(default).__name__}") from None
+        raise UserError(f"--{field.replace('_', '-')} {value!r}: expected {type(default).__name__}") from None
 
 
 def make_config(module: ModuleType, quick: bool = False, **overrides: Any) -> Any:
@@ -84,22 +90,24 @@ def make_config(module: ModuleType, quick: bool = False, **overrides: Any) -> An
     Checks what every study shares: seeds are non-negative, depths and step counts positive; each study's
     `run` checks its own fields.
     """
+    from models.errors import UserError
+
     fields = {f.name: f for f in dataclasses.fields(module.Config)}
     values = dict(module.QUICK) if quick else {}
     for key, value in overrides.items():
         if key not in fields:
-            raise ValueError(f"study option {key!r} unknown; allowed: {', '.join(fields)}")
+            raise UserError(f"study option {key!r} unknown; allowed: {', '.join(fields)}")
         if value is not None:
             values[key] = value
     base = module.Config()
     values = {k: _parse(v, getattr(base, k), k) for k, v in values.items()}
     cfg = dataclasses.replace(base, **values)
     if any(s < 0 for s in cfg.seeds):
-        raise ValueError(f"--seeds {cfg.seeds}: allowed: non-negative integers")
+        raise UserError(f"--seeds {cfg.seeds}: allowed: non-negative integers")
     for key in ("depths", "steps", "batch_size", "train_limit", "test_limit", "width"):
         value = getattr(cfg, key, None)
         if value is not None and any(v < 1 for v in (value if isinstance(value, tuple) else (value,))):
-            raise ValueError(f"--{key.replace('_', '-')} {value}: allowed: positive integers")
+            raise UserError(f"--{key.replace('_', '-')} {value}: allowed: positive integers")
     return cfg
 
 
@@ -107,17 +115,6 @@ def run_study(name: str, quick: bool = False, **overrides: Any) -> dict:
     """Run study `name` (one MLflow run) and return its results dict (``run_id``, ``summary`` lines, ...)."""
     module = load_study(name)
     return module.run(make_config(module, quick, **overrides))
-
-
-def _option(field: dataclasses.Field) -> click.Option:
-    default, flag = field.default, "--" + field.name.replace("_", "-")
-    help_text = field.metadata.get("help", "")
-    if isinstance(default, bool):
-        return click.Option([f"{flag}/--no-{flag[2:]}"], default=None, help=f"{help_text} [default: {default}]")
-    if isinstance(default, tuple):
-        return click.Option([flag], type=str, default=None, metavar="A,B,...",
-                            help=f"{help_text} [default: {','.join(map(str, default))}]")
-    return click.Option([flag], type=type(default), default=None, help=f"{help_text} [default: {default}]")
 
 
 def _command(name: str, module: ModuleType) -> click.Command:
@@ -128,7 +125,7 @@ def _command(name: str, module: ModuleType) -> click.Command:
         click.echo(f"run {result['run_id']}  (kind=study, stepslab.study={name}; artifacts {name}.json, {name}.png)")
 
     params = [click.Option(["--quick"], is_flag=True, help="Tiny settings (seconds), for tests and smoke runs.")]
-    params += [_option(f) for f in dataclasses.fields(module.Config)]
+    params += options_of(module.Config, unset=True)
     doc = (module.__doc__ or STUDIES[name]).strip().split("\n\n")[0]
     return click.Command(name, callback=callback, params=params, help=doc, short_help=STUDIES[name])
 
@@ -263,7 +260,9 @@ def fit(model: "torch.nn.Module", ds: Any, *, steps: int, batch_size: int, lr: f
         device: "torch.device", weight_decay: float = 0.0, warmup: float = 0.05,
         callback: Callable[[int, "torch.Tensor", "torch.Tensor"], None] | None = None,
         metric_prefix: str | None = None, log_every: int = 25, bar: Any = None) -> list[float]:
-    """Train `model` with AdamW for exactly `steps` optimizer steps (linear warmup, cosine decay to 0).
+    """Train `model` for exactly `steps` optimizer steps with the training loop's own pieces
+    (experiments.train: `make_optimizer`, `warmup_cosine` with `warmup` of the steps and decay to 0,
+    `train_step`): only the budget (steps, not epochs) and the data stream differ from `probe train`.
 
     Batches are drawn from shuffled epochs of `ds` (a LabeledImages, fine labels) with a generator seeded by
     `seed`, so every family sees the same data order. `callback(step, images, labels)` is called before
@@ -272,23 +271,13 @@ def fit(model: "torch.nn.Module", ds: Any, *, steps: int, batch_size: int, lr: f
     Returns the per-step losses.
     """
     import torch
-    import torch.nn.functional as F
 
-    from experiments.data import batches
+    from experiments.train import TrainState, make_optimizer, train_step, warmup_cosine
+    from probes.runtime import batches
 
     model.to(device).train()
-    decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on biases and norms
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}],
-                            lr=lr)
+    state = TrainState(model=model, net=model, optimizer=make_optimizer(model, lr, weight_decay))
     warm = max(1, int(warmup * steps))
-
-    def lr_factor(s: int) -> float:  # s = updates done so far
-        if s < warm:
-            return (s + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(seed)
 
     def stream():
@@ -303,12 +292,8 @@ def fit(model: "torch.nn.Module", ds: Any, *, steps: int, batch_size: int, lr: f
             model.train()
         if step == steps:
             break
-        loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        rate = warmup_cosine(step, peak=lr, total=steps, warmup=warm)
+        losses.append(train_step(state, images, labels, rate, device).item())
         window.append(losses[-1])
         if metric_prefix and (len(window) == log_every or step == steps - 1):
             log({f"{metric_prefix}.train_loss": sum(window) / len(window)}, step=step + 1)
@@ -319,14 +304,8 @@ def fit(model: "torch.nn.Module", ds: Any, *, steps: int, batch_size: int, lr: f
 
 
 def error_rate(model: "torch.nn.Module", ds: Any, device: "torch.device", batch_size: int = 1000) -> float:
-    """Fraction of `ds` (fine labels) that `model` misclassifies, in eval mode."""
-    import torch
-
-    from experiments.data import batches
+    """Fraction of `ds` (fine labels) that `model` misclassifies: the training loop's `evaluate`."""
+    from experiments.train import evaluate
 
     model.eval()
-    wrong = 0
-    with torch.no_grad():
-        for images, labels, _ in batches(ds, batch_size, shuffle=False, device=device):
-            wrong += int((model(images).argmax(-1) != labels).sum())
-    return wrong / len(ds)
+    return 1.0 - evaluate(model, ds, device, batch_size)["fine_acc"]

@@ -36,8 +36,9 @@ from torch import nn
 from tqdm import tqdm
 
 from experiments.data import load_dataset
+from models.errors import UserError
 from experiments.studies import error_rate, finish, fit, log, mean_std, split_depth, study_run
-from experiments.train import resolve_device
+from probes.runtime import resolve_device
 from models.steps import StepsStack, step_widths
 
 FAMILIES = ("plain", "residual", "highway", "steps")
@@ -99,7 +100,7 @@ class DeepMLP(nn.Module):
                  n_steps: int = 4):
         super().__init__()
         if family not in FAMILIES:
-            raise ValueError(f"unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
+            raise UserError(f"unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
         self.family, self.depth, self.width = family, depth, width
         self.stem = nn.Linear(in_features, width)
         if family == "steps":
@@ -140,7 +141,7 @@ def match_width(family: str, depth: int, width: int, n_steps: int = 4, in_featur
             break  # the count grows with w: past the best, it only gets worse
         best = (gap, w)
     if best is None:
-        raise ValueError(f"width {width} too narrow for {n_steps} Steps of multiples of {WIDTH_MULTIPLE}; "
+        raise UserError(f"width {width} too narrow for {n_steps} Steps of multiples of {WIDTH_MULTIPLE}; "
                          f"allowed: --width >= {WIDTH_MULTIPLE * 2} or fewer --n-steps")
     return best[1]
 
@@ -165,11 +166,11 @@ def describe(net: DeepMLP) -> dict:
 def check(cfg: Config) -> None:
     bad = [f for f in cfg.families if f not in FAMILIES]
     if bad:
-        raise ValueError(f"--families: unknown {bad[0]!r}; allowed: {', '.join(FAMILIES)}")
+        raise UserError(f"--families: unknown {bad[0]!r}; allowed: {', '.join(FAMILIES)}")
     if cfg.width < 2 * WIDTH_MULTIPLE or cfg.width % WIDTH_MULTIPLE:
-        raise ValueError(f"--width {cfg.width}; allowed: a multiple of {WIDTH_MULTIPLE}, >= {2 * WIDTH_MULTIPLE}")
+        raise UserError(f"--width {cfg.width}; allowed: a multiple of {WIDTH_MULTIPLE}, >= {2 * WIDTH_MULTIPLE}")
     if cfg.n_steps < 1:
-        raise ValueError(f"--n-steps {cfg.n_steps}; allowed: >= 1")
+        raise UserError(f"--n-steps {cfg.n_steps}; allowed: >= 1")
 
 
 def run(cfg: Config) -> dict:

@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from experiments.data import load_dataset
+from models.errors import UserError
 from experiments.studies import error_rate, finish, fit, log, mean_std, study_run
-from experiments.train import resolve_device
+from probes.runtime import resolve_device
 from experiments.studies.shortcut import make_deit, make_steps_deit
 from models.counting import count_macs, count_params
 from models.steps import StepsStack
@@ -97,7 +98,7 @@ def match_budget(name: str, depth: int, cfg: Config, target: int, in_chans: int 
     guess = cfg.ref_width * math.sqrt(cfg.ref_depth / depth) / (math.sqrt(0.6) if name == "steps" else 1)
     k = valid_from(max(1, round(guess / cfg.head_dim)), 1)
     if k is None:
-        raise ValueError(f"no {name} width near {guess:.0f} splits into heads of {cfg.head_dim} at depth {depth}; "
+        raise UserError(f"no {name} width near {guess:.0f} splits into heads of {cfg.head_dim} at depth {depth}; "
                          "allowed: a smaller --head-dim or --n-steps")
     step = -1 if at(k)["macs"] > target else 1
     while (nxt := valid_from(k + step, step)) is not None:
@@ -112,9 +113,9 @@ def match_budget(name: str, depth: int, cfg: Config, target: int, in_chans: int 
 def check(cfg: Config) -> None:
     bad = [m for m in cfg.models if m not in MODELS]
     if bad:
-        raise ValueError(f"--models: unknown {bad[0]!r}; allowed: {', '.join(MODELS)}")
+        raise UserError(f"--models: unknown {bad[0]!r}; allowed: {', '.join(MODELS)}")
     if min(cfg.ref_width, cfg.ref_depth, cfg.head_dim, cfg.n_steps, cfg.patch_size) < 1:
-        raise ValueError("--ref-width, --ref-depth, --head-dim, --n-steps, --patch-size: allowed: positive integers")
+        raise UserError("--ref-width, --ref-depth, --head-dim, --n-steps, --patch-size: allowed: positive integers")
 
 
 def run(cfg: Config) -> dict:

@@ -42,8 +42,9 @@ from torch import nn
 from tqdm import tqdm
 
 from experiments.data import load_dataset
+from models.errors import UserError
 from experiments.studies import finish, fit, log, mean_std, study_run
-from experiments.train import resolve_device
+from probes.runtime import resolve_device
 from experiments.studies.degradation import FAMILIES, DeepMLP, match_width
 
 # Nielsen ch. 5, MNIST, his one initialisation: ||delta^l|| of the hidden layers at init.
@@ -110,7 +111,7 @@ def nielsen_cost(z: torch.Tensor, target: torch.Tensor, kind: str = "cross_entro
         return F.binary_cross_entropy_with_logits(z, target, reduction="sum") / len(z)
     if kind == "quadratic":
         return 0.5 * (torch.sigmoid(z) - target).pow(2).sum() / len(z)
-    raise ValueError(f"--cost {kind!r}; allowed: {', '.join(COSTS)}")
+    raise UserError(f"--cost {kind!r}; allowed: {', '.join(COSTS)}")
 
 
 def bias_grad_norms(net: SigmoidMLP, x: torch.Tensor, target: torch.Tensor, kind: str = "cross_entropy"
@@ -219,14 +220,14 @@ def measure_deep(cfg: Config, family: str, seed: int, train, device: torch.devic
 
 def check(cfg: Config) -> None:
     if cfg.cost not in COSTS:
-        raise ValueError(f"--cost {cfg.cost!r}; allowed: {', '.join(COSTS)}")
+        raise UserError(f"--cost {cfg.cost!r}; allowed: {', '.join(COSTS)}")
     if any(k < 1 for k in cfg.hidden) or cfg.hidden_width < 1 or cfg.examples < 1 or cfg.epochs < 0:
-        raise ValueError("--hidden, --hidden-width, --examples: allowed: positive integers; --epochs >= 0")
+        raise UserError("--hidden, --hidden-width, --examples: allowed: positive integers; --epochs >= 0")
     bad = [f for f in cfg.deep_families if f not in FAMILIES]
     if bad:
-        raise ValueError(f"--deep-families: unknown {bad[0]!r}; allowed: {', '.join(FAMILIES)}")
+        raise UserError(f"--deep-families: unknown {bad[0]!r}; allowed: {', '.join(FAMILIES)}")
     if min(cfg.deep_depth, cfg.deep_steps, cfg.measure_every, cfg.init_batches, cfg.log_every) < 1:
-        raise ValueError("--deep-depth, --deep-steps, --measure-every, --init-batches, --log-every: "
+        raise UserError("--deep-depth, --deep-steps, --measure-every, --init-batches, --log-every: "
                          "allowed: positive integers")
 
 

@@ -40,8 +40,9 @@ from torch import nn
 from tqdm import tqdm
 
 from experiments.data import load_dataset
+from models.errors import UserError
 from experiments.studies import error_rate, finish, fit, log, mean_std, split_depth, study_run
-from experiments.train import resolve_device
+from probes.runtime import resolve_device
 from models.sites import site_modules
 from models.steps import StepsStack, step_widths
 
@@ -84,7 +85,7 @@ def make_deit(width: int, depth: int, head_dim: int, patch_size: int, in_chans: 
     import timm
 
     if width % head_dim:
-        raise ValueError(f"width {width} is not a multiple of head dim {head_dim}")
+        raise UserError(f"width {width} is not a multiple of head dim {head_dim}")
     return timm.create_model("vit_tiny_patch16_224", embed_dim=width, depth=depth, num_heads=width // head_dim,
                              patch_size=patch_size, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
 
@@ -201,11 +202,11 @@ def metrics_of(prefix: str, m: dict) -> dict[str, float]:
 def check(cfg: Config) -> None:
     bad = [m for m in cfg.models if m not in MODELS]
     if bad:
-        raise ValueError(f"--models: unknown {bad[0]!r}; allowed: {', '.join(MODELS)}")
+        raise UserError(f"--models: unknown {bad[0]!r}; allowed: {', '.join(MODELS)}")
     if any(c < 0 or c > cfg.steps for c in cfg.checkpoints):
-        raise ValueError(f"--checkpoints {cfg.checkpoints}: allowed: optimizer steps 0..{cfg.steps}")
+        raise UserError(f"--checkpoints {cfg.checkpoints}: allowed: optimizer steps 0..{cfg.steps}")
     if min(cfg.head_dim, cfg.n_steps, cfg.patch_size, cfg.probe_batch, cfg.probes) < 1:
-        raise ValueError("--head-dim, --n-steps, --patch-size, --probe-batch, --probes: allowed: positive integers")
+        raise UserError("--head-dim, --n-steps, --patch-size, --probe-batch, --probes: allowed: positive integers")
 
 
 def build(name: str, cfg: Config, depth: int, in_chans: int) -> nn.Module:

@@ -82,7 +82,7 @@ def test_lr_schedule_warms_up_then_cosine_to_floor():
 
 def test_no_weight_decay_on_norms_biases_embeddings_tokens():
     model = T.models.create_model("steps_deit_micro", num_classes=10)
-    opt = make_optimizer(model, TrainConfig(weight_decay=0.05))
+    opt = make_optimizer(model, 1e-3, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decay, plain = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
     assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0

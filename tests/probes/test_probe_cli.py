@@ -95,7 +95,8 @@ def test_baseline_matched_null(baseline):
 
 
 def test_bad_inputs_are_one_line_errors(baseline):
-    _one_line_error(_invoke("--model", "steps_deit_micro", "--path", "sideways"), "unknown path 'sideways'")
+    _one_line_error(_invoke("--model", "steps_deit_micro", "--path", "sideways"), "'--path': 'sideways'",
+                    "'slow', 'fast', 'full', 'matched', 'all'")
     _one_line_error(_invoke("--run", baseline, "--path", "slow"), "baseline without slow/fast paths",
                     "--path matched")
     _one_line_error(_invoke("--run", "0123456789abcdef0123456789abcdef"), "no run with this id")

@@ -7,7 +7,7 @@ import pytest
 from probes.linear import fit_probe
 from probes.measures import (Labels, bootstrap_ci, division_of_labour, geometric_ks, k_control, measure, metrics_of,
                              pca_k, prequential_mdl, random_k)
-from probes.run import format_table
+from experiments.probe_run import format_table
 
 F2C = [k // 4 for k in range(8)]  # 2 coarse groups x 4 fine classes each
 

@@ -5,7 +5,8 @@ Paths (``--path``): Steps models ``slow`` (features ``slow_path``), ``fast`` (``
 model's widths: ``matched.contiguous.slow|fast`` and ``matched.random{r}.slow|fast``), ``all`` (full + matched);
 ``slow``/``fast`` on a baseline is an error that points at ``matched``. Levels (``--level``): ``coarse``, ``fine``,
 ``both`` (coarse + fine), ``detail`` (fine labels within each coarse group), ``all``. Features come from
-`probes.features.extract` (train split fits the probes, test split scores them).
+`probes.features.extract` (train split fits the probes, test split scores them). This is a job: it resolves the
+frozen model, loads the data, calls the instruments of `probes/` and records one MLflow run.
 
 Metric names (figures read these; <path> as in the table: slow, fast, full, matched.contiguous.slow, ...):
     acc.<path>.<level>                     test top-1; .ci_low / .ci_high = 95% bootstrap CI over test images
@@ -45,17 +46,20 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from models.registry import check_name
-
-from .features import block_features, extract, feature_specs, model_name_of, paired_steps_model
-from .linear import PROBES
-from .measures import Labels, measure, metrics_of
+from experiments import tracking
+from experiments.data import load_recorded
+from models.errors import UserError
+from probes.features import POOLS, block_features, extract, feature_specs, paired_steps_model
+from probes.linear import PROBES
+from probes.measures import Labels, measure, metrics_of
 
 __all__ = ["PATHS", "LEVEL_CHOICES", "ProbeConfig", "ProbeReport", "select_paths", "select_levels", "parse_layers",
            "run_probe", "format_table"]
 
 PATHS = ("slow", "fast", "full", "matched", "all")
 LEVEL_CHOICES = ("coarse", "fine", "both", "detail", "all")
+LEVELS_OF = {"coarse": ["coarse"], "fine": ["fine"], "both": ["coarse", "fine"], "detail": ["detail"],
+             "all": ["coarse", "fine", "detail"]}
 
 
 @dataclass
@@ -97,11 +101,11 @@ def select_paths(model, model_name: str, path: str, random_splits: int = 3
                  ) -> tuple[dict[str, str], list[tuple[str, str, str]], set[str]]:
     """(path label -> feature name, DoL pairs (suffix, slow label, fast label), labels that get every measure)."""
     if path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; allowed: {', '.join(PATHS)}")
+        raise UserError(f"unknown path {path!r}; allowed: {', '.join(PATHS)}")
     specs = feature_specs(model, model_name=model_name, random_splits=random_splits)
     if "slow_path" in specs:
         if path == "matched":
-            raise ValueError(f"--path matched: {model_name} has real slow/fast paths; allowed: slow, fast, full, all "
+            raise UserError(f"--path matched: {model_name} has real slow/fast paths; allowed: slow, fast, full, all "
                              f"(matched splits are the control on its baseline)")
         chosen = {"slow": "slow_path", "fast": "fast_path", "full": "final"}
         chosen = chosen if path == "all" else {path: chosen[path]}
@@ -109,13 +113,13 @@ def select_paths(model, model_name: str, path: str, random_splits: int = 3
         return chosen, pairs, set(chosen)
     if path in ("slow", "fast"):
         steps = paired_steps_model(model_name) or "its Steps pair"
-        raise ValueError(f"--path {path}: {model_name} is a baseline without slow/fast paths; use --path matched "
+        raise UserError(f"--path {path}: {model_name} is a baseline without slow/fast paths; use --path matched "
                          f"(its final channels split at the widths of {steps}) or --path all")
     chosen = {"full": "final"} if path in ("full", "all") else {}
     pairs = []
     if path in ("matched", "all"):
         if "matched.contiguous.slow" not in specs:
-            raise ValueError(f"--path matched: {model_name} has no paired Steps model to copy widths from")
+            raise UserError(f"--path matched: {model_name} has no paired Steps model to copy widths from")
         for split in ["contiguous"] + [f"random{r}" for r in range(random_splits)]:
             for side in ("slow", "fast"):
                 chosen[f"matched.{split}.{side}"] = f"matched.{split}.{side}"
@@ -127,11 +131,9 @@ def select_paths(model, model_name: str, path: str, random_splits: int = 3
 
 def select_levels(level: str) -> list[str]:
     """--level -> the label levels to probe."""
-    table = {"coarse": ["coarse"], "fine": ["fine"], "both": ["coarse", "fine"], "detail": ["detail"],
-             "all": ["coarse", "fine", "detail"]}
-    if level not in table:
-        raise ValueError(f"unknown level {level!r}; allowed: {', '.join(LEVEL_CHOICES)}")
-    return table[level]
+    if level not in LEVELS_OF:
+        raise UserError(f"unknown level {level!r}; allowed: {', '.join(LEVEL_CHOICES)}")
+    return LEVELS_OF[level]
 
 
 def parse_layers(layers: str, n_blocks: int) -> list[int]:
@@ -144,57 +146,31 @@ def parse_layers(layers: str, n_blocks: int) -> list[int]:
     try:
         ks = sorted({int(v) for v in layers.split(",") if v.strip()})
     except ValueError:
-        raise ValueError(f"--layers {layers!r}; allowed: none, all, or block indices like 0,3,7") from None
+        raise UserError(f"--layers {layers!r}; allowed: none, all, or block indices like 0,3,7") from None
     bad = [k for k in ks if not 0 <= k < n_blocks]
     if bad or not ks:
-        raise ValueError(f"--layers {layers!r}: block {bad[0] if bad else '?'} out of range; "
+        raise UserError(f"--layers {layers!r}: block {bad[0] if bad else '?'} out of range; "
                          f"allowed: 0..{n_blocks - 1}")
     return ks
 
 
 # -------------------------------------------------------------------------------------------------- the run
 
-def _frozen(cfg: ProbeConfig, echo: Callable[[str], None]):
-    from experiments import tracking
-    if cfg.run:
-        model, info = tracking.load_frozen(cfg.run)
-        name = info.get("model") or model_name_of(model)
-        if cfg.model and cfg.model != name:
-            raise ValueError(f"--run {cfg.run} holds model {name!r}, not --model {cfg.model!r}")
-        return model, info, name, cfg.run
-    if not cfg.model:
-        raise ValueError("give --model NAME (its newest frozen model is used) or --run RUN_ID / models:/URI")
-    check_name(cfg.model)
-    uri = tracking.newest_frozen(cfg.model)
-    if uri is None:
-        # The 224 px models want 224 px images: fashion_mnist would give them one patch per image.
-        data = cfg.dataset or ("fashion_mnist" if cfg.model.endswith("_micro")
-                               else "imagefolder --data-dir DIR --data-option img_size=224")
-        raise ValueError(f"no frozen model for {cfg.model}; make one with: probe train --model {cfg.model} "
-                         f"--dataset {data}")
-    model, info = tracking.load_frozen(uri)
-    echo(f"using frozen model {uri} (newest for {cfg.model}; run {info.get('run_id')})")
-    return model, info, cfg.model, uri
-
-
 def _check_choices(cfg: ProbeConfig) -> list[str]:
     if cfg.path not in PATHS:
-        raise ValueError(f"unknown path {cfg.path!r}; allowed: {', '.join(PATHS)}")
-    if cfg.pool not in ("cls", "mean", "tokens"):
-        raise ValueError(f"unknown pool {cfg.pool!r}; allowed: cls, mean, tokens")
+        raise UserError(f"unknown path {cfg.path!r}; allowed: {', '.join(PATHS)}")
+    if cfg.pool not in POOLS:
+        raise UserError(f"unknown pool {cfg.pool!r}; allowed: {', '.join(POOLS)}")
     if cfg.probe not in PROBES:
-        raise ValueError(f"unknown probe {cfg.probe!r}; allowed: {', '.join(PROBES)}")
+        raise UserError(f"unknown probe {cfg.probe!r}; allowed: {', '.join(PROBES)}")
     return select_levels(cfg.level)
 
 
 def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeReport:
     """Load the frozen model, extract features, probe, print the table, log one MLflow run of kind ``probe``."""
-    from experiments import tracking
-    from experiments.data import load_recorded
-
     levels = _check_choices(cfg)
     tracking.configure(cfg.tracking_uri)
-    model, info, name, ref = _frozen(cfg, echo)
+    model, info, name, ref = tracking.resolve_frozen(cfg.model, cfg.run, cfg.dataset, echo)
     paths, pairs, full = select_paths(model, name, cfg.path, cfg.random_splits)
     n_blocks = sum(1 for s in feature_specs(model, random_splits=0) if re.fullmatch(r"blocks\.\d+", s))
     layers = parse_layers(cfg.layers, n_blocks)
@@ -204,7 +180,7 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
     want = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())
     have = (train_ds.in_chans, train_ds.img_size, train_ds.images.shape[3])
     if want and tuple(want) != have:
-        raise ValueError(f"dataset {dataset} has {'x'.join(map(str, have))} images; {name} takes "
+        raise UserError(f"dataset {dataset} has {'x'.join(map(str, have))} images; {name} takes "
                          f"{'x'.join(map(str, want))}")
     blocks = {k: block_features(model, k, model_name=name) for k in layers}
     if cfg.path != "all":
@@ -272,7 +248,6 @@ def format_table(rows: list[dict], dol: dict) -> str:
 
 def _log_artifacts(rows, dol, curves, fits, metrics, params, labels: Labels, depth_rows) -> None:
     import mlflow
-    from experiments import tracking
 
     cols = sorted({k for r in rows for k in r}, key=lambda c: (c not in ("path", "level", "group", "block"), c))
     buf = io.StringIO()
