@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as experiments/train.py: 
 
 import torch  # noqa: E402
 
-from experiments.bench import slug, sync  # noqa: E402  (results files are named as the bench's)
+from experiments.bench.harness import slug, sync  # noqa: E402  (results files are named as the bench's)
 from experiments.data import FASHION_MNIST_DIR, load_dataset  # noqa: E402
 from experiments.train import (TrainConfig, evaluate, fit, init_distributed, load_data, prepare,  # noqa: E402
                                steps_per_epoch)

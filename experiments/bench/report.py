@@ -1,5 +1,23 @@
-"""The bench report: Markdown tables, target checks and MLflow metric names from the report dict that
-experiments/bench.py fills in. Pure functions of that dict (plus `write`), so a partial report renders too."""
+"""The bench report: Markdown tables, target checks, MFU and MLflow metric names, all derived from the report dict
+that a bench run fills in (`experiments.bench.run`). Pure functions of that dict (plus `write`), so a partial
+report renders too.
+
+Metric names (MLflow run of kind ``bench``; <model> is the Steps model unless said otherwise):
+    ratio.<model>.infer | .train          Steps images/s / baseline images/s (eager)
+    ratio.<model>.infer_best | .train_best         ratio of the two sides' fastest rounds
+    ratio.<model>.infer_cputime | .train_cputime   the same from process CPU time (CPU runs only)
+    ratio.<model>.paths                   forward_paths (all paths) images/s / forward images/s
+    ratio.<model>.train_compiled | .infer_compiled   compiled Steps / compiled baseline (with --compile)
+    ratio.<model>.infer_graphed | .train_graphed   with CUDA graphs (with --cuda-graphs)
+    ips.<name>.infer | .train             images/s of every model, Steps and baseline
+    overhead.<model>.infer | .train       Steps stacks time / same blocks on pre-made inputs - 1
+    wiring.<model>.infer | .train         time of the Steps wiring alone (blocks taken out) / Steps stacks time
+    mfu.<name>                            training MFU of every model, Steps and baseline
+    peak.tflops                           measured matmul peak (TFLOP/s)
+    probe.fit_s.<sklearn|torch>, probe.acc.<sklearn|torch>, probe.acc_gap
+    attr.ig32.ips, attr.ig32.efficiency   (the number is --ig-steps)
+    compile.<name>.<train|infer>.compile_s | .graphs | .frames | .graph_breaks; compile.<model>.<phase>.recompiles
+"""
 from __future__ import annotations
 
 import json
@@ -12,10 +30,11 @@ TARGET_RATIO = 0.95      # Steps / baseline images/s
 TARGET_PATHS = 0.90      # forward_paths / forward
 TARGET_PROBE_S = 30.0    # the faster probe backend, seconds
 TARGET_PROBE_GAP = 0.005  # accuracy difference between the backends
-CATEGORIES = ("gemm", "attn", "copy", "norm", "other")  # profiled op categories, see bench.op_category
+CATEGORIES = ("gemm", "attn", "copy", "norm", "other")  # profiled op categories, see profile.op_category
 
 
 def fmt(v: Any, nd: int = 3) -> str:
+    """A table cell: "-" for missing or NaN, floats to `nd` places."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
@@ -24,6 +43,7 @@ def fmt(v: Any, nd: int = 3) -> str:
 
 
 def rng(r: dict, best: bool = False) -> str:
+    """A ratio as "median (min-max)", with the best-round ratio when `best`."""
     extra = f"; best {r['best']:.2f}" if best and "best" in r else ""
     return f"{r['median']:.3f} ({r['min']:.2f}-{r['max']:.2f}{extra})"
 
@@ -57,6 +77,7 @@ def explain(pair: dict, profiles: dict[str, dict], overhead: dict | None) -> str
 
 
 def markdown(rep: dict) -> str:
+    """The report as one Markdown page: settings, a table per section measured so far, targets, notes."""
     st = rep["settings"]
     L = [f"# StepsLab bench: {rep['device']}" + (f" ({rep['tag']})" if rep.get("tag") else ""), "",
          f"{rep['date']} - torch {rep['torch']}, timm {rep['timm']}, {rep['card']}, {rep['dtype']}, batch "
@@ -206,7 +227,18 @@ def markdown(rep: dict) -> str:
     return "\n".join(L)
 
 
+def mfu_of(rep: dict) -> dict[str, float]:
+    """Training MFU of every model timed in the throughput section: count_macs x 2 FLOPs x 3 passes (fwd + bwd)
+    x training images/s over the measured matmul peak. Empty without a peak."""
+    peak = (rep.get("peak") or {}).get("tflops")
+    if not peak:
+        return {}
+    return {p[role]: 6.0 * p["macs"][role] * p["train"]["ips"][role] / (peak * 1e12)
+            for p in rep.get("throughput", []) for role in ("steps", "baseline")}
+
+
 def targets(rep: dict) -> list[dict]:
+    """Each check against its target (ratios, path extraction, probe speed and agreement, compiling once)."""
     out = []
     for p in rep.get("throughput", []):
         for mode in ("infer", "train"):
@@ -237,6 +269,7 @@ def targets(rep: dict) -> list[dict]:
 
 
 def metrics_of(rep: dict) -> dict[str, float]:
+    """The MLflow metrics, named as in the module docstring."""
     m: dict[str, float] = {}
     for p in rep.get("throughput", []):
         for mode in ("infer", "train"):
@@ -290,6 +323,7 @@ def _json_default(o: Any) -> Any:
 
 def write(rep: dict, out: Path) -> Path:
     """Rewrite <out>/bench-<device>.json and .md (atomically) with what the report holds so far."""
+    rep["mfu"] = mfu_of(rep)
     rep["targets"] = targets(rep)
     rep["metrics"] = metrics_of(rep)
     out.mkdir(parents=True, exist_ok=True)

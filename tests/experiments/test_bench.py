@@ -1,4 +1,4 @@
-"""experiments/bench.py: smoke runs at tiny sizes, one round. Structure only, never timings.
+"""experiments/bench (python -m experiments.bench): smoke runs at tiny sizes, one round. Structure only, never timings.
 
 The MLflow store is the session's throwaway one (tests/conftest.py); results go to tmp_path.
 """
@@ -9,21 +9,29 @@ import sys
 
 import pytest
 
-from experiments import bench
+from experiments.bench import cli
+from experiments.bench.harness import cpu_cores
+from experiments.bench.report import write
+from experiments.errors import UserError, guarded
 
 TINY = ["--device", "cpu", "--quick", "--models", "steps_deit_micro", "--repeats", "1", "--batch", "2",
         "--probe-n", "300", "--probe-d", "8", "--attr-images", "1", "--budget-s", "900"]
 
 
+def bench(args: list[str]) -> dict:
+    """The command line, in process; returns the report."""
+    return cli.main(args, standalone_mode=False)
+
+
 def outputs(tmp_path):
-    stem = tmp_path / f"bench-cpu-{bench.cpu_cores()}cores"
+    stem = tmp_path / f"bench-cpu-{cpu_cores()}cores"
     return json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".md").read_text()
 
 
 def test_bench_writes_json_markdown_and_an_mlflow_run(tmp_path):
-    rep = bench.main(TINY + ["--out", str(tmp_path)])
+    rep = bench(TINY + ["--out", str(tmp_path)])
     data, md = outputs(tmp_path)
-    assert data["device"] == f"cpu-{bench.cpu_cores()}cores" and data["settings"]["models"] == ["steps_deit_micro"]
+    assert data["device"] == f"cpu-{cpu_cores()}cores" and data["settings"]["models"] == ["steps_deit_micro"]
     assert not data["errors"], data["errors"]
     pair = data["throughput"][0]
     assert (pair["steps"], pair["baseline"]) == ("steps_deit_micro", "deit_micro")
@@ -62,7 +70,7 @@ def test_bench_writes_json_markdown_and_an_mlflow_run(tmp_path):
 def test_bench_skips_parts_whose_packages_are_missing(tmp_path, monkeypatch):
     for mod in ("mlflow", "captum", "captum.attr", "sklearn", "sklearn.linear_model"):
         monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError, as on a machine without them
-    rep = bench.main(TINY + ["--out", str(tmp_path), "--sections", "throughput,probe,attribution", "--profile", "off"])
+    rep = bench(TINY + ["--out", str(tmp_path), "--sections", "throughput,probe,attribution", "--profile", "off"])
     data, md = outputs(tmp_path)
     assert not data["errors"], data["errors"]
     assert data["throughput"] and not data.get("probe") and not data.get("attribution")
@@ -73,10 +81,21 @@ def test_bench_skips_parts_whose_packages_are_missing(tmp_path, monkeypatch):
 
 
 def test_bench_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown model"):
-        bench.main(["--device", "cpu", "--models", "steps_nope", "--no-track"])
-    with pytest.raises(SystemExit, match="unknown section"):
-        bench.main(["--device", "cpu", "--sections", "throughput,warp", "--no-track"])
+    with pytest.raises(UserError, match="unknown model 'steps_nope'"):
+        bench(["--device", "cpu", "--models", "steps_nope", "--no-track"])
+    with pytest.raises(UserError, match="unknown section"):
+        bench(["--device", "cpu", "--sections", "throughput,warp", "--no-track"])
+    with pytest.raises(UserError, match="unknown device 'tpu'"):
+        bench(["--device", "tpu", "--no-track"])
+
+
+def test_a_user_mistake_is_one_line_and_exit_status_2(capsys):
+    """As `python -m experiments.bench` runs it (experiments/bench/__main__.py)."""
+    with pytest.raises(SystemExit) as exit_:
+        guarded(lambda: cli.main(["--device", "cpu", "--compile-models", "steps_nope"]))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --compile-models: unknown model 'steps_nope'") and err.count("\n") == 1
 
 
 def test_report_renders_a_compile_section_stopped_after_the_steps_model(tmp_path):
@@ -88,7 +107,7 @@ def test_report_renders_a_compile_section_stopped_after_the_steps_model(tmp_path
                         "models": {"steps_deit_micro": {"train": {"compile_s": 12.0, "frames": 1, "graphs": 1,
                                                                   "graph_breaks": 0}},
                                    "deit_micro": {}}}]}
-    stem = bench.write(rep, tmp_path)
+    stem = write(rep, tmp_path)
     assert stem.name == "bench-cpu-2cores-compile"
     md = stem.with_suffix(".md").read_text()
     assert "| steps_deit_micro | train | default | 12 / - | 1 | 1 | 0 | - | - | - | - | - |" in md

@@ -1,0 +1,37 @@
+"""throughput: eager inference and training-step (fwd + bwd + AdamW) images/s, Steps vs baseline, interleaved.
+MFU (count_macs x 2 x 3 x training images/s over the measured matmul peak) is derived from it in the report."""
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.bench.harness import Pair, Setup, batch_for, inferer, interleave, log, trainer
+from experiments.bench.report import rng
+
+
+def run(pair: Pair, setup: Setup) -> dict:
+    """Eager inference and training images/s of both models, interleaved, and their ratios."""
+    steps, base = pair
+    x, y = batch_for(steps, setup)
+    out: dict[str, Any] = {"steps": steps.name, "baseline": base.name, "batch": int(x.shape[0]),
+                           "macs": {"steps": steps.macs, "baseline": base.macs},
+                           "params": {"steps": steps.params, "baseline": base.params},
+                           "volume": {"steps": steps.volume, "baseline": base.volume}}
+    for b in pair:
+        b.model.eval()
+    t = interleave({"steps": inferer(steps.model, x, setup.device), "base": inferer(base.model, x, setup.device)},
+                   setup)
+    out["infer"] = {"ips": {"steps": t.ips("steps", len(x)), "baseline": t.ips("base", len(x))},
+                    "ratio": t.ratio("steps", "base"), "ratio_cputime": t.ratio("steps", "base", cpu=True),
+                    "iters": t.iters}
+    for b in pair:
+        b.model.train()
+    t = interleave({"steps": trainer(steps.model, x, y, setup.device),
+                    "base": trainer(base.model, x, y, setup.device)}, setup)
+    out["train"] = {"ips": {"steps": t.ips("steps", len(x)), "baseline": t.ips("base", len(x))},
+                    "ratio": t.ratio("steps", "base"), "ratio_cputime": t.ratio("steps", "base", cpu=True),
+                    "iters": t.iters}
+    log(f"throughput {steps.name}: infer {rng(out['infer']['ratio'])} "
+        f"({out['infer']['ips']['steps']:.0f} vs {out['infer']['ips']['baseline']:.0f} img/s), "
+        f"train {rng(out['train']['ratio'])} ({out['train']['ips']['steps']:.0f} vs "
+        f"{out['train']['ips']['baseline']:.0f} img/s)")
+    return out
