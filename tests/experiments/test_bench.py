@@ -1,4 +1,4 @@
-"""experiments/bench (python -m experiments.bench): smoke runs at tiny sizes, one round. Structure only, never timings.
+"""python -m experiments.bench: smoke runs at tiny sizes, one round. Structure only, never timings.
 
 The MLflow store is the session's throwaway one (tests/conftest.py); results go to tmp_path.
 """
@@ -12,7 +12,7 @@ import pytest
 from experiments.bench import cli
 from experiments.bench.harness import cpu_cores
 from experiments.bench.report import write
-from experiments.errors import UserError, guarded
+from experiments.errors import UserError
 
 TINY = ["--device", "cpu", "--quick", "--models", "steps_deit_micro", "--repeats", "1", "--batch", "2",
         "--probe-n", "300", "--probe-d", "8", "--attr-images", "1", "--budget-s", "900"]
@@ -20,7 +20,7 @@ TINY = ["--device", "cpu", "--quick", "--models", "steps_deit_micro", "--repeats
 
 def bench(args: list[str]) -> dict:
     """The command line, in process; returns the report."""
-    return cli.main(args, standalone_mode=False)
+    return cli.command.main(args, standalone_mode=False)
 
 
 def outputs(tmp_path):
@@ -89,13 +89,17 @@ def test_bench_rejects_unknown_names():
         bench(["--device", "tpu", "--no-track"])
 
 
-def test_a_user_mistake_is_one_line_and_exit_status_2(capsys):
-    """As `python -m experiments.bench` runs it (experiments/bench/__main__.py)."""
+@pytest.mark.parametrize("args, message", [
+    (["--compile-models", "steps_nope"], "error: --compile-models: unknown model 'steps_nope'; allowed: micro, full,"),
+    (["--profile", "maybe"], "error: Invalid value for '--profile': 'maybe' is not one of 'auto', 'on', 'off'."),
+])
+def test_a_user_mistake_is_one_line_and_exit_status_2(capsys, args, message):
+    """As `python -m experiments.bench` runs (cli.main): bench checks and click's own checks alike."""
     with pytest.raises(SystemExit) as exit_:
-        guarded(lambda: cli.main(["--device", "cpu", "--compile-models", "steps_nope"]))
+        cli.main(["--device", "cpu", *args])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --compile-models: unknown model 'steps_nope'") and err.count("\n") == 1
+    assert err.startswith(message) and err.count("\n") == 1, err
 
 
 def test_report_renders_a_compile_section_stopped_after_the_steps_model(tmp_path):
