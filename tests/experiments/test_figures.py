@@ -97,6 +97,7 @@ def _one_line_error(res, *needles: str) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_figures_from_runs_are_byte_identical_and_tracked(store, tmp_path):
     uri, ids = store
     first, second = tmp_path / "a", tmp_path / "b"
@@ -128,6 +129,7 @@ def test_figures_from_runs_are_byte_identical_and_tracked(store, tmp_path):
     assert run.data.params["source.shortcut"] == ids["shortcut"]
 
 
+@pytest.mark.slow
 def test_pinned_run_is_used(store, tmp_path):
     uri, ids = store
     res = _figures(uri, "--out", str(tmp_path), "--only", "probe_accuracy", "--runs", ids["probe_old"])

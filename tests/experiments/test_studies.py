@@ -79,6 +79,7 @@ def test_split_depth_puts_extra_blocks_last():
 
 
 @needs_fm
+@pytest.mark.slow
 def test_gradients_quick_records_a_run():
     run_id, metrics, tags, res = run_quick("gradients")
     assert tags["stepslab.kind"] == "study" and tags["stepslab.study"] == "gradients"
@@ -92,6 +93,7 @@ def test_gradients_quick_records_a_run():
 
 
 @needs_fm
+@pytest.mark.slow
 def test_degradation_quick_records_a_run():
     run_id, metrics, _, res = run_quick("degradation")
     for f in ("plain", "residual", "highway", "steps"):
@@ -105,6 +107,7 @@ def test_degradation_quick_records_a_run():
 
 
 @needs_fm
+@pytest.mark.slow
 def test_shortcut_quick_records_a_run():
     _, metrics, _, res = run_quick("shortcut")
     assert metrics["seed0.deit.d3.gamma.z0"] == 1.0 and metrics["seed0.steps.d3.gamma.z0"] == 1.0
@@ -114,6 +117,7 @@ def test_shortcut_quick_records_a_run():
 
 
 @needs_fm
+@pytest.mark.slow
 def test_depth_quick_records_a_run():
     _, metrics, _, res = run_quick("depth")
     assert metrics["budget.macs"] > 0 and "deit.test_acc.mean" in metrics and "steps.train_acc.mean" in metrics

@@ -147,6 +147,7 @@ def test_cli_defaults_match_train_config():
 
 
 @needs_fm
+@pytest.mark.slow
 def test_short_run_beats_chance_on_both_levels_and_freezes(tmp_path):
     cfg = TrainConfig(model="steps_resnet_micro", epochs=2, batch_size=32, lr=2e-3, warmup_epochs=0.2, limit=600,
                       test_limit=300, checkpoint_dir=str(tmp_path), seed=0)
@@ -178,6 +179,7 @@ def test_short_run_beats_chance_on_both_levels_and_freezes(tmp_path):
     assert same_weights(model, res.model)
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(straight, tmp_path):
     again = train(tiny(tmp_path))
     for key in ("fine_acc", "coarse_acc", "test_loss", "train_loss", "steps"):
@@ -186,6 +188,7 @@ def test_same_seed_same_numbers(straight, tmp_path):
     assert again.run_id != straight.run_id
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_is_bitwise_equal_in_the_same_run(straight, tmp_path):
     stopped = train(tiny(tmp_path, max_steps=8))  # epoch 2, step 2 of 6
     assert not stopped.complete and stopped.model_uri is None
@@ -201,6 +204,7 @@ def test_resume_mid_epoch_is_bitwise_equal_in_the_same_run(straight, tmp_path):
     assert [m.step for m in MlflowClient().get_metric_history(resumed.run_id, "epoch/test_fine_acc")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_interrupt_marks_killed_keeps_last_epoch_and_resumes(straight, tmp_path, monkeypatch):
     seen: dict = {}
     fail_at(monkeypatch, 8, KeyboardInterrupt(), seen)
@@ -217,6 +221,7 @@ def test_interrupt_marks_killed_keeps_last_epoch_and_resumes(straight, tmp_path,
     assert run_of(resumed.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_crash_marks_failed(tmp_path, monkeypatch):
     seen: dict = {}
     fail_at(monkeypatch, 3, RuntimeError("boom"), seen)
@@ -262,6 +267,7 @@ def test_train_cli_bad_input_is_one_line(args, needle, tmp_path, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle.format(tmp=tmp_path) in lines[0], lines
 
 
+@pytest.mark.slow
 def test_train_cli_prints_summary(tmp_path):
     res = CliRunner().invoke(cli, ["train", "--model", "deit_micro", "--epochs", "1", "--batch-size", "16",
                                    "--limit", "32", "--test-limit", "16", "--no-register", "--checkpoint-dir",
@@ -273,6 +279,7 @@ def test_train_cli_prints_summary(tmp_path):
 
 
 @needs_fm
+@pytest.mark.slow
 def test_demo_cli_trains_and_freezes_both(tmp_path):
     res = CliRunner().invoke(cli, ["demo", "--limit", "64", "--test-limit", "32", "--epochs", "1",
                                    "--checkpoint-dir", str(tmp_path)])
@@ -298,6 +305,7 @@ if res.run_id:
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_end_with_identical_weights(tmp_path):
     cfg = dict(model="deit_micro", epochs=1, batch_size=16, limit=128, test_limit=32, register=False,
                checkpoint_dir=str(tmp_path / "ckpt"), device="cpu", **DATA)
@@ -319,6 +327,7 @@ def test_ddp_two_gloo_processes_end_with_identical_weights(tmp_path):
 # ----------------------------------------------------------------------------------------- GPU check
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_cpu_without_mlflow(tmp_path):
     """The GPU machine has only torch, timm, numpy, tqdm: block the rest and run the script for 1 step each."""
     blocked = ("mlflow", "captum", "datasets", "sklearn", "click", "experiments.tracking")

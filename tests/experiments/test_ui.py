@@ -48,6 +48,7 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90, env={**os.environ, "HOME": str(tmp_path)})
 
 
+@pytest.mark.slow
 def test_serve_ui_shows_the_runs(store, tmp_path):
     tag = uuid.uuid4().hex[:6]
     names = {f"ui-alpha-{tag}": 0.25, f"ui-beta-{tag}": 0.75}

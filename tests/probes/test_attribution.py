@@ -15,7 +15,7 @@ from experiments.data import load_dataset
 from models.sites import StepsPaths
 from models.steps import HookPoint, StepsStack
 from probes import causal
-from probes.attribution import causal_tests, map_stats, matched_split, path_shares
+from probes.attribution import causal_tests, input_maps, map_stats, matched_split, path_shares
 
 
 class ChannelwiseBlock(nn.Module):
@@ -118,6 +118,42 @@ def test_disconnected_fast_path_has_no_share_and_no_effect(test_ds):
     assert on["ablate.fast.zero.loss_increase"] != 0
 
 
+@pytest.mark.parametrize("method", ["ig", "saliency", "gradshap", "deeplift"])
+def test_input_maps_of_a_linear_head_have_the_closed_form(method):
+    """On a linear head f(x) = w . x the attributions are known: saliency is the gradient w, and integrated
+    gradients, DeepLift and GradientShap (zero reference) are w * x, with zero convergence delta."""
+    torch.manual_seed(0)
+    images = torch.randn(3, 2, 8, 8)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 4))
+    target = torch.tensor([0, 3, 1])
+    maps, delta = input_maps(head, images, target, method, n_steps=16)
+    w = head[1].weight.detach()[target].view(3, 2, 8, 8)
+    expected = (w if method == "saliency" else w * images).sum(1)
+    assert maps.shape == (3, 8, 8)
+    assert torch.allclose(maps, expected, atol=1e-4)
+    if method == "saliency":
+        assert delta is None
+    else:
+        assert delta.abs().max() < 1e-3
+
+
+def test_occlusion_map_of_a_one_pixel_head_is_local():
+    """A head that reads one pixel: occluding any window over it costs w * x there, so the map equals w * x at
+    that pixel and is zero wherever no occlusion window covers both."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 1, 28, 28)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 2, bias=False))
+    with torch.no_grad():
+        head[1].weight.zero_()
+        head[1].weight[1, 14 * 28 + 14] = 2.0  # pixel (14, 14)
+    maps, delta = input_maps(head, images, torch.tensor([1, 1]), "occlusion")
+    assert delta is None
+    assert torch.allclose(maps[:, 14, 14], 2.0 * images[:, 0, 14, 14], atol=1e-5)
+    far = torch.ones(28, 28, dtype=torch.bool)
+    far[14 - 8:14 + 9, 14 - 8:14 + 9] = False  # window 4 px, stride 2: nothing beyond 8 px shares a window
+    assert maps[:, far].abs().max() == 0
+
+
 def test_map_stats_separate_global_from_local():
     yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     blob = torch.exp(-((yy - 14) ** 2 + (xx - 14) ** 2) / 60)
@@ -137,6 +173,7 @@ def test_cli_bad_names_are_one_line_errors(flag, value):
     assert len(lines) == 1 and lines[0].startswith("error: ") and value in lines[0] and "one of" in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_records_a_run():
     torch.manual_seed(0)
     with tracking.tracked_run("train", {}) as train_run:

@@ -54,6 +54,7 @@ def _one_line_error(res, *needles: str) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_probe_run_end_to_end(trained):
     res = _invoke("--model", "steps_deit_micro", "--layers", "0,11", *LIMITS)
     assert res.exit_code == 0, res.output
@@ -83,6 +84,7 @@ def test_probe_run_end_to_end(trained):
     assert json.loads(Path(local).read_text())["dol"]["acc"]["score"] == pytest.approx(m["dol.acc"])
 
 
+@pytest.mark.slow
 def test_baseline_matched_null(baseline):
     res = _invoke("--run", baseline, "--random-splits", "2", "--no-mdl", "--no-curves", *LIMITS)
     assert res.exit_code == 0, res.output
@@ -94,6 +96,7 @@ def test_baseline_matched_null(baseline):
         assert name in m, name
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(baseline):
     _one_line_error(_invoke("--model", "steps_deit_micro", "--path", "sideways"), "'--path': 'sideways'",
                     "'slow', 'fast', 'full', 'matched', 'all'")
@@ -108,6 +111,7 @@ def test_bad_inputs_are_one_line_errors(baseline):
                     "--model steps_deit_b --dataset imagefolder --data-dir DIR --data-option img_size=224")
 
 
+@pytest.mark.slow
 def test_nan_features_are_a_one_line_error():
     model = models.create_model("deit_micro", num_classes=16, in_chans=1, img_size=28)
     with torch.no_grad():
