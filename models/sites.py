@@ -14,19 +14,27 @@ Site names are stable and the same for Steps models and their timm baselines whe
 
 The merge point of the last step is `stages.{S}.steps.{n-1}.y_prev` (slow input) and `...x` (fast input).
 DeiT has one stage (s = 0); Swin and ResNet run Steps inside each stage.
+
+A model's sites are resolved once and cached per model instance (weakly: the cache does not keep a model
+alive). The cache notices a model whose top-level modules or Steps blocks were replaced (timm's
+`prune_intermediate_layers`, a swapped `step.blocks`); after deeper surgery call `forget_sites(model)`.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
+from timm.models.resnet import ResNet
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .errors import UserError
 
 __all__ = ["site_modules", "site_names", "channel_dim", "path_split", "forward_paths", "intervene",
-           "ablate_channels", "SiteError", "StepsPaths"]
+           "ablate_channels", "forget_sites", "SiteError", "StepsPaths"]
 
 DERIVED = ("slow_path", "fast_path")
 
@@ -35,22 +43,32 @@ class SiteError(UserError):
     """An unknown site name, or a site this model does not have."""
 
 
-def _is_resnet(model: nn.Module) -> bool:
-    return hasattr(model, "layer4") and hasattr(model, "fc")
+# model -> (structure key, {site name: module} without "logits"). "logits" is the model itself and is added on
+# lookup: a cached value that referenced the model would keep its weak key alive forever.
+_SITES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def site_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Map each site name to the module whose output is that site (derived sites excluded)."""
-    if hasattr(model, "site_modules"):
-        return model.site_modules()
+def _structure(model: nn.Module) -> tuple:
+    """What the cached sites depend on: the top-level modules and, for Steps models, every step's blocks."""
+    key = tuple(map(id, model.children()))
+    if isinstance(model, StepsPaths):
+        key += tuple(id(step.blocks) for stack in model.steps_stacks() for step in stack.steps)
+    return key
+
+
+def _resolve(model: nn.Module) -> dict[str, nn.Module]:
+    if isinstance(model, StepsPaths):
+        sites = model.site_modules()
+        del sites["logits"]
+        return sites
     # timm baselines: their own modules, named like the Steps models' sites.
-    if _is_resnet(model):
-        blocks = [b for s in range(1, 5) for b in getattr(model, f"layer{s}")]
+    if isinstance(model, ResNet):
+        blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
         final = model.layer4
-    elif hasattr(model, "layers") and hasattr(model, "norm"):  # Swin
+    elif isinstance(model, SwinTransformer):
         blocks = [b for stage in model.layers for b in stage.blocks]
         final = model.norm
-    elif hasattr(model, "blocks") and hasattr(model, "norm"):  # ViT / DeiT
+    elif isinstance(model, VisionTransformer):
         blocks = list(model.blocks)
         final = model.norm
     else:
@@ -58,24 +76,40 @@ def site_modules(model: nn.Module) -> dict[str, nn.Module]:
                         "timm VisionTransformer, SwinTransformer or ResNet")
     sites = {f"blocks.{k}": b for k, b in enumerate(blocks)}
     sites["final"] = final
-    sites["logits"] = model
     return sites
+
+
+def site_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Map each site name to the module whose output is that site (derived sites excluded)."""
+    key = _structure(model)
+    cached = _SITES.get(model)
+    if cached is None or cached[0] != key:
+        cached = _SITES[model] = (key, _resolve(model))
+    return {**cached[1], "logits": model}
+
+
+def forget_sites(model: nn.Module) -> None:
+    """Drop `model`'s cached sites (after changing its modules in a way the cache cannot see)."""
+    _SITES.pop(model, None)
 
 
 def site_names(model: nn.Module) -> list[str]:
     """Every site this model offers, derived paths included for Steps models."""
-    names = list(site_modules(model))
-    return names + list(DERIVED) if path_split(model) is not None else names
+    return _names(model, site_modules(model))
+
+
+def _names(model: nn.Module, modules: Mapping[str, nn.Module]) -> list[str]:
+    return list(modules) + list(DERIVED) if path_split(model) is not None else list(modules)
 
 
 def channel_dim(model: nn.Module) -> int:
     """Channel axis of the model's block outputs and final representation."""
-    return 1 if _is_resnet(model) else -1
+    return 1 if isinstance(model, ResNet) else -1
 
 
 def path_split(model: nn.Module) -> int | None:
     """Number of slow-path channels of `final` for a Steps model; None for a model without paths."""
-    return getattr(model, "slow_width", None)
+    return model.slow_width if isinstance(model, StepsPaths) else None
 
 
 def _derive(name: str, final: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -93,7 +127,14 @@ def intervene(model: nn.Module, edits: Mapping[str, Callable[[torch.Tensor], tor
         with intervene(model, {"stages.0.steps.3.x": torch.zeros_like}):
             logits = model(images)
     """
-    modules = site_modules(model)
+    with _intervene(model, site_modules(model), edits, capture, store) as store:
+        yield store
+
+
+@contextlib.contextmanager
+def _intervene(model: nn.Module, modules: Mapping[str, nn.Module],
+               edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], capture: Iterable[str] = (),
+               store: dict | None = None) -> Iterator[dict]:
     store = {} if store is None else store
     wanted = set(capture)
     unknown = sorted((set(edits) | wanted) - set(modules))
@@ -125,7 +166,8 @@ def forward_paths(model: nn.Module, x: torch.Tensor, names: Iterable[str] | None
 
     `names=None` returns every site. `edits` replaces site tensors during the pass (see `intervene`).
     """
-    available = site_names(model)
+    modules = site_modules(model)  # resolved once for the names and the hooks
+    available = _names(model, modules)
     names = list(available) if names is None else list(names)
     for n in names:
         if n in DERIVED and path_split(model) is None:
@@ -136,7 +178,7 @@ def forward_paths(model: nn.Module, x: torch.Tensor, names: Iterable[str] | None
     capture = {n for n in names if n not in DERIVED}
     if any(n in DERIVED for n in names):
         capture.add("final")
-    with intervene(model, edits or {}, capture) as store:
+    with _intervene(model, modules, edits or {}, capture) as store:
         model(x)
     out = {n: store[n] if n not in DERIVED else _derive(n, store["final"], model) for n in names}
     return out

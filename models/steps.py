@@ -12,13 +12,17 @@ blocks); the *fast path* is the channels [C_{n-1}, C_n) (x_n, which entered at t
 
 This module knows nothing of DeiT, Swin or ResNet: a family passes a `make_block(width, index, position)` callable.
 Every step carries named sites (`HookPoint`s) for its inputs and output, see `models/sites.py`.
+
+Gradient checkpointing (`StepsStack.set_grad_checkpointing`) checkpoints every block of every step, timm's way
+(`timm.models.checkpoint_seq`): the step wiring (split, concatenation, sites) stays outside the checkpoints.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+from timm.models import checkpoint_seq
 from torch import nn
 
 __all__ = ["HookPoint", "StepsStack", "as_dense", "step_widths", "check_step_widths", "width_multiple_error"]
@@ -78,6 +82,7 @@ class Step(nn.Module):
     def __init__(self, blocks: Sequence[nn.Module], channel_dim: int, first: bool):
         super().__init__()
         self.channel_dim = channel_dim
+        self.grad_checkpointing = False
         self.y_prev = None if first else HookPoint()
         self.x = HookPoint()
         self.blocks = nn.Sequential(*blocks)
@@ -87,7 +92,11 @@ class Step(nn.Module):
         x = self.x(x)
         # One concatenation per step is the only copy of the stream the scheme needs.
         h = x if y_prev is None else torch.cat([self.y_prev(y_prev), x], dim=self.channel_dim)
-        return self.y(self.blocks(h))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            h = checkpoint_seq(self.blocks, h)  # one checkpoint per block: backward recomputes one at a time
+        else:
+            h = self.blocks(h)
+        return self.y(h)
 
 
 class StepsStack(nn.Module):
@@ -111,11 +120,33 @@ class StepsStack(nn.Module):
         self.widths = list(widths)
         self.depths = [int(d) for d in depths]
         self.channel_dim = channel_dim
+        self.in_width = self.widths[-1]  # the input's channels; stays when `truncate` drops the last steps
+        self.split_sizes = self.group_sizes
         steps, index = [], 0
         for i, (width, depth) in enumerate(zip(self.widths, self.depths)):
             steps.append(Step([make_block(width, index + j, j) for j in range(depth)], channel_dim, first=i == 0))
             index += depth
         self.steps = nn.ModuleList(steps)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether the blocks run under gradient checkpointing (see `set_grad_checkpointing`)."""
+        return bool(self.steps) and all(step.grad_checkpointing for step in self.steps)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block (recomputed in backward) instead of keeping its activations."""
+        for step in self.steps:
+            step.grad_checkpointing = enable
+
+    def truncate(self, num_steps: int) -> None:
+        """Keep the first `num_steps` steps (timm's `prune_intermediate_layers`). The input keeps its width;
+        the channels of the dropped steps are split off and ignored, and the output is y_{num_steps}."""
+        if not 1 <= num_steps <= len(self.steps):
+            raise ValueError(f"num_steps={num_steps}; allowed: 1..{len(self.steps)}")
+        self.steps = self.steps[:num_steps]
+        self.widths, self.depths = self.widths[:num_steps], self.depths[:num_steps]
+        rest = self.in_width - self.widths[-1]
+        self.split_sizes = self.group_sizes + ([rest] if rest else [])
 
     @property
     def slow_width(self) -> int:
@@ -131,11 +162,21 @@ class StepsStack(nn.Module):
         # step would instead zero-fill a full-width gradient per step and add them up). The first group goes
         # in as a dense copy: its blocks would copy the strided view anyway (LayerNorm, conv), once forward
         # and again in backward; later groups are copied by the step's one concatenation.
-        groups = x.split(self.group_sizes, self.channel_dim)
+        groups = x.split(self.split_sizes, self.channel_dim)
         y = None
         for i, (step, x_i) in enumerate(zip(self.steps, groups)):
             y = step(y, as_dense(x_i) if i == 0 else x_i)
         return y
+
+    def step_outputs(self, x: torch.Tensor, stop: Optional[int] = None) -> list[torch.Tensor]:
+        """Outputs y_1.. of the steps 0..`stop` (all by default), as `forward` computes them."""
+        groups = x.split(self.split_sizes, self.channel_dim)
+        last = len(self.steps) - 1 if stop is None else stop
+        y, outs = None, []
+        for i, (step, x_i) in enumerate(zip(self.steps[:last + 1], groups)):
+            y = step(y, as_dense(x_i) if i == 0 else x_i)
+            outs.append(y)
+        return outs
 
     @property
     def group_sizes(self) -> list[int]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models._features import feature_take_indices  # timm exports it from no public module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .sites import StepsPaths
 from .steps import HookPoint, StepsStack, check_step_widths, width_multiple_error
@@ -50,7 +51,12 @@ model_cfgs = {
 
 
 class StepsDeiT(StepsPaths, VisionTransformer):
-    """DeiT whose transformer blocks run as a `StepsStack`. Sites: see `models.sites`."""
+    """DeiT whose transformer blocks run as a `StepsStack`. Sites: see `models.sites`.
+
+    timm's model API works per step: `feature_info`, `forward_intermediates` and `prune_intermediate_layers`
+    index the steps (outputs y_i, widths C_i); `group_matcher` groups parameters by step and block;
+    `set_grad_checkpointing` checkpoints every block.
+    """
 
     def __init__(self, step_widths: tuple[int, ...], step_depths: tuple[int, ...], head_dim: int = 64,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, **kwargs):
@@ -71,8 +77,8 @@ class StepsDeiT(StepsPaths, VisionTransformer):
 
         self.blocks = StepsStack(step_widths, step_depths, make_block, channel_dim=-1)
         self.final = HookPoint()
-        reduction = self.patch_embed.feature_info(0)["reduction"] if hasattr(self.patch_embed, "feature_info") \
-            else self.patch_embed.patch_size[0]
+        reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, "feat_ratio") \
+            else max(self.patch_embed.patch_size)
         self.feature_info = [dict(module=f"blocks.steps.{i}", num_chs=w, reduction=reduction)
                              for i, w in enumerate(self.blocks.widths)]
         self.weight_init_mode = ""
@@ -84,58 +90,105 @@ class StepsDeiT(StepsPaths, VisionTransformer):
     def block_modules(self) -> list[nn.Module]:
         return self.blocks.block_modules()
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups (layer-wise LR decay): the stem, then one group per block in execution order (per
+        step if `coarse`), the final norm with the last block; the head is left to timm (last group)."""
+        blocks = r"^blocks\.steps\.(\d+)" if coarse else r"^blocks\.steps\.(\d+)\.blocks\.(\d+)"
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+                    blocks=[(blocks, None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every Steps block (VisionTransformer's own flag only covers `nn.Sequential` blocks)."""
+        super().set_grad_checkpointing(enable)
+        self.blocks.set_grad_checkpointing(enable)
+
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("StepsDeiT does not take attention masks")
+            raise ValueError("StepsDeiT does not take attention masks; allowed: attn_mask=None, is_causal=False")
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         return self.final(self.norm(self.blocks(x)))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[int | list[int]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False, **kwargs):
-        """Step outputs y_i (patch tokens, without prefix tokens) as intermediates, timm style.
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              output_dict: bool = False, attn_mask: Optional[torch.Tensor] = None,
+                              is_causal: bool = False):
+        """Step outputs y_i as intermediates, with VisionTransformer's arguments and return values.
 
-        `indices`: which steps (an int n takes the last n). Widths differ per step (C_i), so `norm` applies
-        the final norm only to the last step's output.
+        `indices` picks steps (an int n: the last n; negative indices count from the end). Step widths differ
+        (C_i), so `norm` applies the final norm to the last step's output only, and with `stop_early` before
+        the last step the final features are that step's output, not normed (as Swin does for its stages).
         """
-        n = len(self.blocks.steps)
-        take = list(range(n - indices, n)) if isinstance(indices, int) else list(indices or range(n))
-        if any(not 0 <= i < n for i in take):
-            raise ValueError(f"indices {take}: allowed step indices 0..{n - 1}")
+        if attn_mask is not None or is_causal:
+            raise ValueError("StepsDeiT does not take attention masks; allowed: attn_mask=None, is_causal=False")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt {output_fmt!r}; allowed: NCHW, NLC")
+        num_steps = len(self.blocks.steps)
+        take_indices, max_index = feature_take_indices(num_steps, indices)
+        batch, _, height, width = x.shape
         tokens = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        stack, y, start, outs = self.blocks, None, 0, []
-        last = max(take) if stop_early else n - 1
-        for i, (step, width) in enumerate(zip(stack.steps[:last + 1], stack.widths)):
-            y = step(y, tokens.narrow(-1, start, width - start))
-            start = width
-            if i in take:
-                out = self.norm(y) if norm and i == n - 1 else y
-                out = out[:, self.num_prefix_tokens:]
-                if output_fmt == "NCHW":
-                    h, w = self.patch_embed.dynamic_feat_size(x.shape[-2:]) if hasattr(
-                        self.patch_embed, "dynamic_feat_size") else self.patch_embed.grid_size
-                    out = out.reshape(out.shape[0], h, w, -1).permute(0, 3, 1, 2)
-                outs.append(out)
+        ys = self.blocks.step_outputs(tokens, stop=max_index if stop_early else None)
+
+        intermediates = [self.norm(ys[i]) if norm and i == num_steps - 1 else ys[i] for i in take_indices]
+        prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+
+        def final() -> torch.Tensor:
+            return self.final(self.norm(ys[-1])) if len(ys) == num_steps else ys[-1]
+
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                out["image_features"] = final()
+            return out
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
         if intermediates_only:
-            return outs
-        if last < n - 1:
-            return None, outs
-        return self.final(self.norm(y)), outs
+            return intermediates
+        return final(), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the steps after the last of `indices` (timm's contract; returns the absolute step indices).
+
+        The final norm and the head are sized for the full width, so they go when steps are dropped.
+        """
+        num_steps = len(self.blocks.steps)
+        take_indices, max_index = feature_take_indices(num_steps, indices)
+        prune_end = max_index < num_steps - 1
+        self.blocks.truncate(max_index + 1)
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.blocks.widths[-1]
+        if prune_head or prune_end:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
 
 
 def _cfg(**kwargs) -> dict:
     return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
             "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
-            "license": "mit", **kwargs}
+            "license": "mit", "paper_name": "Step by Step Network", "paper_ids": "arXiv:2511.14329", **kwargs}
 
 
+# No weights are published: these are data configs and metadata only (timm's test_model_default_cfgs checks them).
 default_cfgs = generate_default_cfgs({
-    "steps_deit_t": _cfg(),
-    "steps_deit_s": _cfg(),
-    "steps_deit_b": _cfg(),
-    "steps_deit_micro": _cfg(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,)),
+    "steps_deit_t": _cfg(description="Steps-DeiT-T, ImageNet 224 px"),
+    "steps_deit_s": _cfg(description="Steps-DeiT-S, ImageNet 224 px"),
+    "steps_deit_b": _cfg(description="Steps-DeiT-B, ImageNet 224 px"),
+    "steps_deit_micro": _cfg(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,),
+                             description="StepsLab CPU research config, 28 px grey images"),
 })
 
 
@@ -147,8 +200,11 @@ def _create_steps_deit(variant: str, pretrained: bool = False, **kwargs) -> Step
                 patch_size=cfg.patch_size, img_size=cfg.img_size, mlp_ratio=cfg.mlp_ratio)
     if variant.endswith("micro"):
         args["in_chans"] = 1
-    return build_model_with_cfg(StepsDeiT, variant, pretrained=False, feature_cfg=dict(out_indices=len(
-        cfg.step_widths) - 1, feature_cls="getter"), **dict(args, **kwargs))
+    args.update(kwargs)
+    # features_only: every step's output y_i, through forward_intermediates
+    out_indices = args.pop("out_indices", tuple(range(len(args["step_widths"]))))
+    return build_model_with_cfg(StepsDeiT, variant, pretrained=False,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 @register_model

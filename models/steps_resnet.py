@@ -17,13 +17,14 @@ plus its narrower steps, so Steps-ResNet-18 uses a cheap 2-step split (C/2 then 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # timm exports it from no public module
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .sites import StepsPaths
@@ -53,7 +54,11 @@ _BLOCKS = {"basic": (BasicBlock, 16), "bottleneck": (Bottleneck, 64)}
 
 
 class StepsResNet(StepsPaths, ResNet):
-    """ResNet whose stages run a transition block, then a `StepsStack`. Sites: see `models.sites`."""
+    """ResNet whose stages run a transition block, then a `StepsStack`. Sites: see `models.sites`.
+
+    timm's model API works per stage as in ResNet (`feature_info`: the stem and the 4 stages); `group_matcher`
+    groups parameters by stage, step and block; `set_grad_checkpointing` checkpoints every block.
+    """
 
     def __init__(self, block: str, stage_depths: tuple[tuple[int, ...], ...],
                  stage_widths: Optional[tuple[tuple[int, ...], ...]] = None,
@@ -82,31 +87,85 @@ class StepsResNet(StepsPaths, ResNet):
         self.final = HookPoint()
         self.init_weights(zero_init_last=True)
 
+    def _layers(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
     def steps_stacks(self) -> list[StepsStack]:
-        return [getattr(self, f"layer{s}")[1] for s in range(1, 5)]
+        return [m for layer in self._layers() for m in layer if isinstance(m, StepsStack)]
 
     def block_modules(self) -> list[nn.Module]:
-        blocks = []
-        for s in range(1, 5):
-            transition, stack = getattr(self, f"layer{s}")
-            blocks += [transition] + stack.block_modules()
-        return blocks
+        return [b for layer in self._layers() for m in layer
+                for b in (m.block_modules() if isinstance(m, StepsStack) else [m])]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups (layer-wise LR decay): the stem, then one group per block in execution order (a
+        stage's transition block, then its steps' blocks; per stage if `coarse`); the head is left to timm."""
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else [
+            (r"^layer(\d+)\.0\.", (0,)),
+            (r"^layer(\d+)\.1\.steps\.(\d+)\.blocks\.(\d+)", None),
+        ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block: the transition blocks here, the Steps blocks inside their stacks."""
+        self.grad_checkpointing = enable
+        for stack in self.steps_stacks():
+            stack.set_grad_checkpointing(enable)
+
+    def _run_layer(self, layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        # ResNet's checkpoint_seq would checkpoint a whole StepsStack as one segment (and again per block
+        # inside it); checkpoint only the transition block here and let the stack checkpoint its blocks.
+        for m in layer:
+            if self.grad_checkpointing and not isinstance(m, StepsStack) and not torch.jit.is_scripting():
+                x = checkpoint(m, x)
+            else:
+                x = m(x)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final(super().forward_features(x))
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        for layer in self._layers():
+            x = self._run_layer(layer, x)
+        return self.final(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """ResNet's: the stem activation and the 4 stage outputs (`feature_info`), with the stages run as in
+        `forward_features`. `norm` has no effect (ResNet has no final norm)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r}; allowed: NCHW")
+        take_indices, max_index = feature_take_indices(5, indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        layers = self._layers()[:max_index] if stop_early else self._layers()
+        for i, layer in enumerate(layers, start=1):
+            x = self._run_layer(layer, x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return (self.final(x) if len(layers) == 4 else x), intermediates
 
 
 def _cfg(**kwargs) -> dict:
     return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
             "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "first_conv": "conv1", "classifier": "fc", "license": "mit", **kwargs}
+            "first_conv": "conv1", "classifier": "fc", "license": "mit", "paper_name": "Step by Step Network",
+            "paper_ids": "arXiv:2511.14329", **kwargs}
 
 
+# No weights are published: these are data configs and metadata only (timm's test_model_default_cfgs checks them).
 default_cfgs = generate_default_cfgs({
-    "steps_resnet18": _cfg(),
-    "steps_resnet34": _cfg(),
-    "steps_resnet50": _cfg(),
-    "steps_resnet_micro": _cfg(input_size=(1, 28, 28), pool_size=(1, 1), mean=(0.5,), std=(0.5,)),
+    "steps_resnet18": _cfg(description="Steps-ResNet-18, ImageNet 224 px"),
+    "steps_resnet34": _cfg(description="Steps-ResNet-34, ImageNet 224 px"),
+    "steps_resnet50": _cfg(description="Steps-ResNet-50, ImageNet 224 px"),
+    "steps_resnet_micro": _cfg(input_size=(1, 28, 28), pool_size=(1, 1), mean=(0.5,), std=(0.5,),
+                               description="StepsLab CPU research config, 28 px grey images"),
 })
 
 

@@ -48,7 +48,12 @@ model_cfgs = {
 
 
 class StepsSwin(StepsPaths, SwinTransformer):
-    """Swin whose stages run their blocks as `StepsStack`s. Sites: see `models.sites`."""
+    """Swin whose stages run their blocks as `StepsStack`s. Sites: see `models.sites`.
+
+    timm's model API works per stage as in Swin (`feature_info`, `forward_intermediates`,
+    `prune_intermediate_layers` are SwinTransformer's); `group_matcher` groups parameters by stage, step and
+    block; `set_grad_checkpointing` checkpoints every block.
+    """
 
     def __init__(self, stage_depths: tuple[tuple[int, ...], ...], embed_dim: int = 96, head_dim: int = 32,
                  window_size: int = 7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, **kwargs):
@@ -86,6 +91,23 @@ class StepsSwin(StepsPaths, SwinTransformer):
     def block_modules(self) -> list[nn.Module]:
         return [b for stage in self.layers for b in stage.blocks.block_modules()]
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups (layer-wise LR decay): the stem, then one group per block in execution order (per
+        stage if `coarse`); a stage's patch merging joins its first block and the final norm the last block,
+        as in Swin; the head is left to timm (last group)."""
+        return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
+            (r"^layers\.(\d+)\.downsample", (0, 0)),
+            (r"^layers\.(\d+)\.blocks\.steps\.(\d+)\.blocks\.(\d+)", None),
+            (r"^norm", (99999,)),
+        ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every Steps block. The stages' own flag stays off: it checkpoints `nn.Sequential` blocks."""
+        for stack in self.steps_stacks():
+            stack.set_grad_checkpointing(enable)
+
     def set_input_size(self, *args, **kwargs):
         raise NotImplementedError("StepsSwin is built for one input size; pass img_size at creation")
 
@@ -97,14 +119,16 @@ def _cfg(**kwargs) -> dict:
     return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
             "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head.fc",
-            "license": "mit", **kwargs}
+            "license": "mit", "paper_name": "Step by Step Network", "paper_ids": "arXiv:2511.14329", **kwargs}
 
 
+# No weights are published: these are data configs and metadata only (timm's test_model_default_cfgs checks them).
 default_cfgs = generate_default_cfgs({
-    "steps_swin_t": _cfg(),
-    "steps_swin_s": _cfg(),
-    "steps_swin_b": _cfg(),
-    "steps_swin_micro": _cfg(input_size=(1, 28, 28), pool_size=(4, 4), mean=(0.5,), std=(0.5,)),
+    "steps_swin_t": _cfg(description="Steps-Swin-T, ImageNet 224 px"),
+    "steps_swin_s": _cfg(description="Steps-Swin-S, ImageNet 224 px"),
+    "steps_swin_b": _cfg(description="Steps-Swin-B, ImageNet 224 px"),
+    "steps_swin_micro": _cfg(input_size=(1, 28, 28), pool_size=(4, 4), mean=(0.5,), std=(0.5,),
+                             description="StepsLab CPU research config, 28 px grey images"),
 })
 
 
@@ -116,9 +140,11 @@ def _create_steps_swin(variant: str, pretrained: bool = False, **kwargs) -> Step
                 patch_size=cfg.patch_size, window_size=cfg.window_size, img_size=cfg.img_size)
     if variant.endswith("micro"):
         args["in_chans"] = 1
+    args.update(kwargs)
+    # features_only: every stage's output, through forward_intermediates (timm's default assumes 4 stages)
+    out_indices = args.pop("out_indices", tuple(range(len(args["stage_depths"]))))
     return build_model_with_cfg(StepsSwin, variant, pretrained=False,
-                                feature_cfg=dict(flatten_sequential=True, feature_cls="getter"),
-                                **dict(args, **kwargs))
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 @register_model
