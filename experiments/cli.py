@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from experiments.options import AttributeConfig, ProbeConfig, TrainConfig, click_options, from_cli
+from experiments.options import AttributeConfig, DemoConfig, ProbeConfig, TrainConfig, click_options, from_cli
 
 
 class _Group(click.Group):
@@ -201,19 +201,14 @@ def train_cmd(tracking_uri: str | None, **values) -> None:
 
 
 @main.command("demo")
-@click.option("--limit", type=int, default=4000, show_default=True, help="Fashion-MNIST train images.")
-@click.option("--test-limit", type=int, default=1000, show_default=True, help="Fashion-MNIST test images.")
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--checkpoint-dir", default="checkpoints", show_default=True)
-@click.option("--tracking-uri", default=None, metavar="URI")
-def demo_cmd(limit, test_limit, epochs, seed, device, checkpoint_dir, tracking_uri) -> None:
+@click_options(DemoConfig)
+def demo_cmd(**values) -> None:
     """The main job, offline on CPU in minutes: train Steps-DeiT-micro and DeiT-micro on Fashion-MNIST, freeze both."""
     from experiments.train import run_demo
 
-    results = run_demo(tracking_uri, limit=limit, test_limit=test_limit, epochs=epochs, seed=seed,
-                       checkpoint_dir=checkpoint_dir, device=device)
+    demo = from_cli(DemoConfig, values)
+    results = run_demo(demo)
+    tracking_uri = demo.tracking_uri
     uri = results[0].tracking_uri
     click.echo(_train_summary(results))
     click.echo("")

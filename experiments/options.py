@@ -16,7 +16,7 @@ from probes.choices import ABLATIONS, ATTRIBUTION_PATHS, METHODS, POOLS, PROBES
 if TYPE_CHECKING:
     import click
 
-__all__ = ["opt", "click_options", "options_of", "from_cli", "key_values", "TrainConfig", "ProbeConfig", "AttributeConfig", "DATASETS",
+__all__ = ["opt", "click_options", "options_of", "from_cli", "key_values", "TrainConfig", "DemoConfig", "ProbeConfig", "AttributeConfig", "DATASETS",
            "PROBE_PATHS", "PROBE_LEVELS"]
 
 # Dataset names (experiments.data.DATASETS is this tuple; data.py imports it from here).
@@ -168,6 +168,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class DemoConfig:
+    """What `probe demo` takes: the README's main job (experiments.train.run_demo)."""
+
+    limit: int = opt(4000, "Fashion-MNIST train images.")
+    test_limit: int = opt(1000, "Fashion-MNIST test images.")
+    epochs: int = opt(3, "Epochs.")
+    seed: int = opt(0, "Fixes init, data order and subsets.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
+    checkpoint_dir: str = opt("checkpoints", "Checkpoints go to <dir>/<model>-<dataset>-seed<seed>/last.pt.")
+    tracking_uri: str | None = opt(None, "Tracking store (default: $MLFLOW_TRACKING_URI, else mlruns/).",
+                                   metavar="URI")
 
 
 # ----------------------------------------------------------------------------------------------- probe run

@@ -48,7 +48,7 @@ from tqdm import tqdm  # noqa: E402
 import models  # noqa: E402
 from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, load_dataset  # noqa: E402
 from models.errors import UserError  # noqa: E402
-from experiments.options import TrainConfig  # noqa: E402
+from experiments.options import DemoConfig, TrainConfig  # noqa: E402
 from probes.runtime import autocast, resolve_device  # noqa: E402
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "Dist", "train", "fit", "evaluate", "build_model",
@@ -638,9 +638,8 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
 # ------------------------------------------------------------------------------------------------ demo
 
 
-def run_demo(tracking_uri: str | None = None, *, limit: int = 4000, test_limit: int = 1000, epochs: int = 3,
-             seed: int = 0, checkpoint_dir: str = "checkpoints", device: str = "auto",
-             names: Sequence[str] = ("steps_deit_micro", "deit_micro")) -> list[TrainResult]:
+def run_demo(demo: DemoConfig = DemoConfig(), names: Sequence[str] = ("steps_deit_micro", "deit_micro")
+             ) -> list[TrainResult]:
     """The README's main job: train Steps-DeiT-micro and its DeiT baseline on a Fashion-MNIST subset, freeze both.
 
     Tuned for a short CPU budget (about 3 minutes for both on 2 cores): batch 32, lr 1.5e-3, short warmup and no
@@ -649,10 +648,10 @@ def run_demo(tracking_uri: str | None = None, *, limit: int = 4000, test_limit: 
     """
     results = []
     for name in names:
-        cfg = TrainConfig(model=name, dataset="fashion_mnist", epochs=epochs, batch_size=32, lr=1.5e-3,
-                          warmup_epochs=0.3, augment=False, limit=limit, test_limit=test_limit, seed=seed,
-                          device=device, checkpoint_dir=checkpoint_dir)
-        results.append(train(cfg, tracking_uri))
+        cfg = TrainConfig(model=name, dataset="fashion_mnist", epochs=demo.epochs, batch_size=32, lr=1.5e-3,
+                          warmup_epochs=0.3, augment=False, limit=demo.limit, test_limit=demo.test_limit,
+                          seed=demo.seed, device=demo.device, checkpoint_dir=demo.checkpoint_dir)
+        results.append(train(cfg, demo.tracking_uri))
     return results
 
 
