@@ -9,13 +9,11 @@ import time
 import torch
 
 from experiments.bench.harness import Setup, batch_for, build, interleave, log, optional, sync
-from probes.runtime import autocast
+from probes.runtime import LabeledImages, autocast, batches
 
 
-def synthetic_images(n: int, input_size: tuple[int, ...], classes: int = 10):
+def synthetic_images(n: int, input_size: tuple[int, ...], classes: int = 10) -> LabeledImages:
     """`n` random uint8 images as a LabeledImages, fine labels cycling through `classes`, two coarse classes."""
-    from experiments.data import LabeledImages
-
     g = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (n, *input_size), generator=g, dtype=torch.uint8)
     fine = torch.arange(n) % classes
@@ -30,8 +28,6 @@ def run(name: str, n_images: int, n_steps: int, setup: Setup, notes: list[str]) 
     """IG images/s of Steps model `name` on `n_images` images; None (noted) without captum."""
     if optional("captum.attr", "attribution", notes) is None:
         return None
-    from experiments.data import batches
-
     built = build(name, setup)
     model, device = built.model.eval(), setup.device
     ds = synthetic_images(n_images, built.input_size, int(model.num_classes))

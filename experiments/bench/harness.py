@@ -73,6 +73,7 @@ def elapsed() -> float:
 
 
 def log(msg: str) -> None:
+    """Print `msg` with the seconds since the run started."""
     print(f"[{elapsed():7.1f}s] {msg}", flush=True)
 
 
@@ -96,6 +97,7 @@ def sync(device: torch.device) -> None:
 
 
 def free(device: torch.device) -> None:
+    """Collect garbage and return cached CUDA memory (between pairs and sections)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -122,9 +124,11 @@ class Timing:
     iters: dict[str, int]
 
     def ips(self, name: str, batch: int) -> float:
+        """Images/s of `name` (median round)."""
         return batch / statistics.median(self.wall[name])
 
     def ms(self, name: str) -> float:
+        """Milliseconds per call of `name` (median round)."""
         return 1e3 * statistics.median(self.wall[name])
 
     def ratio(self, fast: str, ref: str, cpu: bool = False) -> dict[str, float]:

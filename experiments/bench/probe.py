@@ -11,7 +11,8 @@ import numpy as np
 from experiments.bench.harness import Setup, log, optional, sync
 
 
-def synthetic_features(n: int, d: int, k: int, seed: int = 0):
+def synthetic_features(n: int, d: int, k: int, seed: int = 0
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """Gaussian features with per-feature scales, labels = argmax(X W + Gumbel noise): a known linear signal.
 
     Returns train features and labels, test features and labels, and the generating map's test accuracy."""
