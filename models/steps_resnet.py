@@ -114,13 +114,12 @@ class StepsResNet(StepsPaths, ResNet):
             stack.set_grad_checkpointing(enable)
 
     def _run_layer(self, layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not self.grad_checkpointing or torch.jit.is_scripting():
+            return layer(x)
         # ResNet's checkpoint_seq would checkpoint a whole StepsStack as one segment (and again per block
         # inside it); checkpoint only the transition block here and let the stack checkpoint its blocks.
         for m in layer:
-            if self.grad_checkpointing and not isinstance(m, StepsStack) and not torch.jit.is_scripting():
-                x = checkpoint(m, x)
-            else:
-                x = m(x)
+            x = m(x) if isinstance(m, StepsStack) else checkpoint(m, x)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
