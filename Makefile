@@ -30,7 +30,7 @@ demo: setup
 	$(PROBE) demo
 
 bench: setup
-	$(PY) experiments/bench.py
+	$(PY) -m experiments.bench
 
 # The small CPU experiments behind every figure, then every figure from the recorded runs.
 # `probe figures` alone redraws from runs already recorded (same runs in, same bytes out).
@@ -46,7 +46,7 @@ figures-data: setup
 	$(PROBE) run --model steps_deit_micro --layers all
 	$(PROBE) run --model deit_micro --layers all
 	$(PROBE) attribute --model steps_deit_micro
-	$(PY) experiments/bench.py
+	$(PY) -m experiments.bench
 
 ui: setup
 	$(PROBE) ui
