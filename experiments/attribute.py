@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from experiments import tracking
-from experiments.data import load_recorded
+from experiments.data import check_input, load_recorded
+from experiments.probe_run import check_class_counts
 from experiments.options import AttributeConfig
 from models.errors import UserError
 from probes import causal
@@ -102,8 +103,12 @@ def attribute(cfg: AttributeConfig, echo=print) -> AttributionResult:
     tracking.configure(cfg.tracking_uri)
     net, info, name, ref = tracking.resolve_frozen(cfg.model, cfg.run, cfg.dataset, echo)
     dataset = cfg.dataset or info.get("dataset")
-    train_ds = load_recorded(info, "train", dataset=dataset, limit=cfg.probe_limit, seed=cfg.seed)
-    test_ds = load_recorded(info, "test", dataset=dataset, limit=cfg.limit, seed=cfg.seed)
+    train_ds = load_recorded(info, "train", dataset=dataset, data_dir=cfg.data_dir, limit=cfg.probe_limit,
+                             seed=cfg.seed)
+    test_ds = load_recorded(info, "test", dataset=dataset, data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed)
+    check_input(info, train_ds, name)
+    # The path maps fit fine-label probes on the train images.
+    check_class_counts(train_ds, ["fine"], f"raise --probe-limit (now {cfg.probe_limit})")
     params = {"model": name, "ref": ref, "path": cfg.path, "method": cfg.method, "dataset": dataset,
               "limit": cfg.limit, "probe_limit": cfg.probe_limit, "seed": cfg.seed, "steps": cfg.n_steps,
               "ablations": ",".join(cfg.modes), "pool": cfg.pool, "batch_size": cfg.batch_size,

@@ -1,6 +1,6 @@
 """The `probe` command: thin click wrappers over library functions. Each command that computes something
 runs inside one MLflow run (experiments.tracking). User errors print one line and exit with status 2;
-set STEPSLAB_DEBUG=1 for the traceback.
+set STEPSLAB_DEBUG=1 for the traceback. SIGINT / SIGTERM exit 130 / 143, the open run ends KILLED.
 """
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 
 import click
 
-from experiments.options import AttributeConfig, DemoConfig, ProbeConfig, TrainConfig, click_options, from_cli
+from experiments.options import (AttributeConfig, DemoConfig, FreezeConfig, ProbeConfig, RunsConfig, TrainConfig,
+                                 click_options, from_cli)
 
 
 class _Group(click.Group):
@@ -17,8 +18,11 @@ class _Group(click.Group):
     its traceback. click's own usage errors (bad option, value not among the choices) are exit 2 too."""
 
     def main(self, *args, **kwargs):
+        from experiments.errors import catch_signals, interrupted
+
         # click would print usage and a hint around a usage error: one line instead, as for every mistake.
         kwargs["standalone_mode"] = False
+        catch_signals()
         try:
             return super().main(*args, **kwargs)
         except click.UsageError as exc:
@@ -27,7 +31,11 @@ class _Group(click.Group):
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
+        except KeyboardInterrupt:
+            sys.exit(interrupted())
+        except click.exceptions.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C / SIGTERM into Abort
+                sys.exit(interrupted())
             click.echo("Aborted!", err=True)
             sys.exit(1)
 
@@ -198,6 +206,37 @@ def train_cmd(tracking_uri: str | None, **values) -> None:
         return
     click.echo(_train_summary([res]))
     click.echo(f"tracking {res.tracking_uri} (look: probe ui)")
+
+
+@main.command("freeze")
+@click_options(FreezeConfig)
+def freeze_cmd(**values) -> None:
+    """Freeze a train run from its checkpoint (safetensors + card) as a new registered version.
+
+    Re-freezes models frozen the old pickle way, and freezes runs stopped early (--max-steps, killed)."""
+    from experiments.train import freeze
+
+    freeze(from_cli(FreezeConfig, values), echo=click.echo)
+
+
+@main.command("runs")
+@click_options(RunsConfig)
+def runs_cmd(**values) -> None:
+    """List runs, newest first: kind, model, dataset, status (stale ones marked), age, key metrics.
+
+    Opening the store first ends the RUNNING runs of this host whose process died as FAILED."""
+    from mlflow import MlflowClient
+
+    from experiments import tracking
+    from experiments.runs import format_runs, list_runs
+
+    cfg = from_cli(RunsConfig, values)
+    if cfg.limit < 1:
+        raise click.BadParameter(f"must be >= 1, got {cfg.limit}", param_hint="'--limit'")
+    tracking.configure(cfg.tracking_uri)
+    rows = list_runs(MlflowClient(), kind=cfg.kind, model=cfg.model, dataset=cfg.dataset, status=cfg.status,
+                     stale=cfg.stale, limit=cfg.limit)
+    click.echo(format_runs(rows) if rows else "no runs match")
 
 
 @main.command("demo")

@@ -31,8 +31,8 @@ from experiments.options import DATASETS
 from probes.runtime import DataError, LabeledImages, batches  # the container and its batching, shared with probes/
 
 __all__ = [
-    "DATASETS", "SPLITS", "DataError", "LabeledImages", "load_dataset", "load_recorded", "augment_batch", "batches",
-    "FASHION_MNIST_DIR", "make_hierarchy",
+    "DATASETS", "SPLITS", "DataError", "LabeledImages", "load_dataset", "load_recorded", "check_input",
+    "augment_batch", "batches", "FASHION_MNIST_DIR", "make_hierarchy",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -86,7 +86,7 @@ _STATS = {
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 _OPTIONS = {  # keyword options each dataset accepts; anything else is a typo worth reporting
-    "fashion_mnist": (), "cifar10": (), "cifar100": (), "imagefolder": ("img_size",),
+    "fashion_mnist": (), "cifar10": (), "cifar100": (), "imagefolder": ("img_size", "channels"),
     "hierarchy": ("n", "img_size", "channels", "period"),
 }
 
@@ -107,7 +107,8 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
         data_dir: where the files are (see each dataset in the module docstring); None for the default.
         limit: keep a class-stratified (by fine label), seed-determined subset of this many examples.
         seed: picks the `limit` subset; for `hierarchy` also the generated images (train and test differ).
-        options: per dataset: imagefolder `img_size` (64); hierarchy `n` (train 4000, test 1000),
+        options: per dataset: imagefolder `img_size` (64), `channels` (3, or 1 for greyscale); hierarchy `n`
+            (train 4000, test 1000),
             `img_size` (28), `channels` (1), `period` (texture period in pixels, 4).
 
     Raises DataError for an unknown name, split or option, or data that is missing or does not parse.
@@ -133,19 +134,35 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
     return _load_hierarchy(split, limit, seed, **options)
 
 
-def load_recorded(info: Mapping[str, Any], split: str, *, dataset: str | None = None, limit: int | None = None,
-                  seed: int = 0) -> LabeledImages:
-    """One split of the data a frozen model was trained on, as its model_info records it (dataset, options, and
-    data_dir where that folder exists here). A different `dataset` loads that one with its defaults: the
-    recorded options belong to the recorded dataset."""
+def load_recorded(info: Mapping[str, Any], split: str, *, dataset: str | None = None, data_dir: str | None = None,
+                  limit: int | None = None, seed: int = 0) -> LabeledImages:
+    """One split of the data a frozen model was trained on, as its card (model_info) records it: dataset,
+    options, and data_dir where that folder exists here. `data_dir` points elsewhere (the same data moved, or
+    another machine). A different `dataset` loads that one with its defaults: the recorded options belong to the
+    recorded dataset."""
     name = dataset or info.get("dataset")
     if not name:
         raise DataError("the frozen model records no training dataset; give --dataset")
     if name != info.get("dataset"):
-        return load_dataset(name, split, limit=limit, seed=seed)
-    data_dir = info.get("data_dir")
-    data_dir = data_dir if data_dir and Path(data_dir).is_dir() else None
+        return load_dataset(name, split, data_dir=data_dir, limit=limit, seed=seed)
+    if data_dir is None:
+        recorded = info.get("data_dir")
+        data_dir = recorded if recorded and Path(recorded).is_dir() else None
+        if recorded and data_dir is None and name in ("imagefolder",):
+            raise DataError(f"the model was trained on {name} in {recorded!r}, which does not exist here; pass "
+                            "--data-dir with that data")
     return load_dataset(name, split, data_dir=data_dir, limit=limit, seed=seed, **(info.get("data_options") or {}))
+
+
+def check_input(info: Mapping[str, Any], ds: LabeledImages, model_name: str) -> None:
+    """Refuse data whose images do not fit the frozen model: compared with the input size its card records
+    (the model as trained, e.g. 3 channels after an RGB image folder), not the registered default config."""
+    want = info.get("input_size") or ([info["in_chans"], info["img_size"], info["img_size"]]
+                                      if info.get("in_chans") and info.get("img_size") else None)
+    have = list(ds.images.shape[1:])
+    if want and [int(v) for v in want] != have:
+        raise DataError(f"dataset {ds.name} has {'x'.join(map(str, have))} images; this frozen {model_name} takes "
+                        f"{'x'.join(map(str, want))} (the data it was trained on)")
 
 
 def _stratified(fine: np.ndarray, limit: int | None, seed: int) -> np.ndarray | None:
@@ -232,15 +249,39 @@ def _load_fashion_mnist(split: str, data_dir: str | None, limit: int | None, see
                         f" reinstall dataset-fashion-mnist (apt) or pass --data-dir")
     else:
         ds = _hf_from_hub("zalando-datasets/fashion_mnist", split, "fashion_mnist",
-                          hint="install dataset-fashion-mnist (apt) or pass --data-dir")
+                          hint="install dataset-fashion-mnist (apt) or pass --data-dir with a copy")
     return _from_hf(ds, "fashion_mnist", split, "image", "label", None, 1, limit, seed, *meta)
 
 
 # CIFAR through `datasets` ------------------------------------------------------------------------------------
 
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the Hugging Face hub answers a TCP connect within `timeout`, else why not. Skipped (None) with
+    HF_HUB_OFFLINE set (datasets then reads its local cache) or behind a proxy (the proxy decides)."""
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy",
+                                                                             "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}: {e.strerror or type(e).__name__}"
+    return None
+
+
 def _hf_from_hub(repo: str, split: str, name: str, hint: str):
     import datasets
 
+    # datasets retries an unreachable hub for half a minute; one quick connect says the same at once.
+    down = _hub_reachable()
+    if down is not None:
+        raise DataError(f"cannot load {name!r}: the Hugging Face hub is unreachable ({down}); {hint}, or set "
+                        "HF_HUB_OFFLINE=1 to use a copy in the local Hugging Face cache")
     try:
         return datasets.load_dataset(repo, split=split)
     except Exception as e:  # offline, hub down, no such repo: all the same to the user
@@ -377,8 +418,9 @@ _IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def _load_imagefolder(split: str, data_dir: str | None, limit: int | None, seed: int,
-                      img_size: int = 64) -> LabeledImages:
-    """`data_dir/<split>/<class>/*` loaded with PIL, RGB, short side resized to `img_size` and centre-cropped.
+                      img_size: int = 64, channels: int = 3) -> LabeledImages:
+    """`data_dir/<split>/<class>/*` loaded with PIL, RGB (or greyscale with `channels` 1), short side resized to
+    `img_size` and centre-cropped.
 
     Classes are the sorted folder names of the train split (so train and test share indices). Coarse groups come
     from `data_dir/coarse.json`, {"class": "group", ...}; without that file each class is its own coarse group.
@@ -387,6 +429,8 @@ def _load_imagefolder(split: str, data_dir: str | None, limit: int | None, seed:
         raise DataError("imagefolder needs data_dir (a folder with train/<class>/ and test/<class>/)")
     if not isinstance(img_size, int) or img_size < 1:
         raise DataError(f"img_size must be a positive integer, got {img_size!r}")
+    if channels not in (1, 3):
+        raise DataError(f"imagefolder option channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
     root, folder = Path(data_dir), Path(data_dir) / split
     if not folder.is_dir():
         raise DataError(f"imagefolder: {str(folder)!r} does not exist")
@@ -421,9 +465,13 @@ def _load_imagefolder(split: str, data_dir: str | None, limit: int | None, seed:
     fine = np.asarray(fine, np.int64)
     idx = _stratified(fine, limit, seed)
     keep = np.arange(len(fine)) if idx is None else idx
-    images = np.stack([_decode(str(files[i]), 3, f"imagefolder: {files[i]}", img_size) for i in keep.tolist()])
+    images = np.stack([_decode(str(files[i]), channels, f"imagefolder: {files[i]}", img_size)
+                       for i in keep.tolist()])
+    mean, std = _STATS["imagefolder"]
+    if channels == 1:  # ImageNet's statistics averaged over the colours (as the luma of a grey image)
+        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
     return _make(images, fine[keep], None, "imagefolder", split, classes, coarse_names, fine_to_coarse,
-                 _STATS["imagefolder"])
+                 (mean, std))
 
 
 # Hierarchy (generated, known answer) --------------------------------------------------------------------------

@@ -3,17 +3,21 @@
 - A user's mistake raises `UserError` (or a subclass: unknown model, dataset, feature, tracking store, ...):
   the command prints ``error: <one line>`` to stderr and exits 2. ``STEPSLAB_DEBUG=1`` shows the traceback too.
 - Anything else is a bug: its traceback is shown, then one line saying it is a bug, and the exit status is 1.
+- SIGINT (Ctrl-C) and SIGTERM stop a command with one line and the shell's status for that signal, 128 + signal
+  number (130, 143); the MLflow run open at that moment ends KILLED (experiments.tracking).
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from typing import Callable, NoReturn, TypeVar
 
 from models.errors import UserError
 
-__all__ = ["UserError", "USER_ERROR_EXIT", "fail", "report", "guarded"]
+__all__ = ["UserError", "USER_ERROR_EXIT", "fail", "report", "guarded", "raise_interrupt", "catch_signals",
+           "interrupted"]
 
 USER_ERROR_EXIT = 2
 T = TypeVar("T")
@@ -42,11 +46,43 @@ def report(exc: BaseException) -> int:
     return 1
 
 
+# The signal that stopped the command, if any (SIGINT when Python raised KeyboardInterrupt by itself).
+_last_signal: dict[str, int | None] = {"signum": None}
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    """Signal handler: remember the signal, then stop the main thread with KeyboardInterrupt (so `finally`
+    blocks run and the open MLflow run ends KILLED)."""
+    _last_signal["signum"] = signum
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def catch_signals() -> None:
+    """Route SIGINT and SIGTERM through `raise_interrupt` (main thread only; elsewhere nothing changes)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        _last_signal["signum"] = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, raise_interrupt)
+
+
+def interrupted() -> int:
+    """Say which signal stopped the command (one line) and return its exit status, 128 + the signal number."""
+    signum = _last_signal["signum"] or signal.SIGINT
+    print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+    return 128 + int(signum)
+
+
 def guarded(main: Callable[[], T]) -> T:
-    """Run `main()`; on an exception, print it by the policy and exit with its status."""
+    """Run `main()`; on an exception, print it by the policy and exit with its status (130 / 143 when SIGINT /
+    SIGTERM stopped it)."""
+    catch_signals()
     try:
         return main()
-    except (KeyboardInterrupt, SystemExit):
+    except SystemExit:
         raise
+    except KeyboardInterrupt:
+        sys.exit(interrupted())
     except Exception as exc:  # noqa: BLE001 - the policy itself
         sys.exit(report(exc))

@@ -16,13 +16,20 @@ from probes.choices import ABLATIONS, ATTRIBUTION_PATHS, METHODS, POOLS, PROBES
 if TYPE_CHECKING:
     import click
 
-__all__ = ["opt", "click_options", "options_of", "from_cli", "key_values", "TrainConfig", "DemoConfig", "ProbeConfig", "AttributeConfig", "DATASETS",
-           "PROBE_PATHS", "PROBE_LEVELS"]
+__all__ = ["opt", "click_options", "options_of", "from_cli", "key_values", "TrainConfig", "DemoConfig", "ProbeConfig",
+           "AttributeConfig", "FreezeConfig", "RunsConfig", "DATASETS", "PROBE_PATHS", "PROBE_LEVELS", "RUN_KINDS",
+           "RUN_STATUSES", "FORBIDDEN_MODEL_KWARGS"]
 
 # Dataset names (experiments.data.DATASETS is this tuple; data.py imports it from here).
 DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "hierarchy")
 PROBE_PATHS: tuple[str, ...] = ("slow", "fast", "full", "matched", "all")
 PROBE_LEVELS: tuple[str, ...] = ("coarse", "fine", "both", "detail", "all")
+# create_model kwargs that would make timm load weights from elsewhere (a file, the hub): refused as
+# --model-option and in a frozen model's card.
+FORBIDDEN_MODEL_KWARGS: tuple[str, ...] = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                                           "checkpoint_path", "cache_dir", "pretrained_strict")
+RUN_KINDS: tuple[str, ...] = ("train", "freeze", "probe", "attribute", "study", "figures", "bench")
+RUN_STATUSES: tuple[str, ...] = ("RUNNING", "FINISHED", "FAILED", "KILLED", "SCHEDULED")
 
 
 def opt(default: Any = None, help: str = "", *, choices: Sequence[str] | None = None, flag: str | None = None,
@@ -158,6 +165,8 @@ class TrainConfig:
     augment: bool = opt(True, "Random translation / flip.")
     checkpoint_dir: str = opt("checkpoints", "Checkpoints go to <dir>/<model>-<dataset>-seed<seed>/last.pt.")
     resume: bool = opt(False, "Continue from the checkpoint, in the same MLflow run.")
+    fresh: bool = opt(False, "Start over where another run left a resumable checkpoint (its file is kept beside "
+                      "as last-<run id>.pt).")
     register: bool = opt(True, "Register the frozen model.")
     max_steps: int | None = opt(None, "Stop (checkpointed) after this many optimizer steps.")
     log_every: int = opt(20, "Optimizer steps per logged train loss / lr / images/s.")
@@ -197,6 +206,8 @@ class ProbeConfig:
                     "splits), all.", choices=PROBE_PATHS)
     level: str = opt("both", "coarse, fine, both, detail (fine within coarse), all.", choices=PROBE_LEVELS)
     dataset: str | None = opt(None, "Default: the frozen model's training dataset.", choices=DATASETS)
+    data_dir: str | None = opt(None, "Dataset folder (default: the one the model was trained from, if it exists "
+                               "here, else the dataset's default).")
     pool: str = opt("mean", "cls (DeiT), mean, tokens.", choices=POOLS)
     layers: str = opt("none", "none, all, or block indices (0,3,7): depth curves.")
     seed: int = opt(0, "Fixes the subsets and the probes' splits.")
@@ -224,6 +235,8 @@ class AttributeConfig:
     path: str = opt("both", "Paths for the maps and causal tests.", choices=ATTRIBUTION_PATHS)
     method: str = opt("ig", "Input attribution for the path maps.", choices=METHODS)
     dataset: str | None = opt(None, "Default: the frozen model's training dataset.", choices=DATASETS)
+    data_dir: str | None = opt(None, "Dataset folder (default: the one the model was trained from, if it exists "
+                               "here, else the dataset's default).")
     limit: int = opt(256, "Test images attributed and ablated.")
     probe_limit: int = opt(2000, "Train images for the path probes.")
     seed: int = opt(0, "Fixes subsets, probes, random controls and donors.")
@@ -238,5 +251,34 @@ class AttributeConfig:
                            "|F(x) - F(baseline)|.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     grid_images: int = opt(8, cli=False)
+    tracking_uri: str | None = opt(None, "Tracking store (default: $MLFLOW_TRACKING_URI, else mlruns/).",
+                                   metavar="URI")
+
+
+# ----------------------------------------------------------------------------------------------- freeze / runs
+
+
+@dataclass
+class FreezeConfig:
+    """What `probe freeze` takes (experiments.train.freeze)."""
+
+    run: str = opt(None, "The train run whose checkpoint is frozen (run id; see `probe runs --kind train`).",
+                   metavar="RUN_ID")
+    checkpoint: str | None = opt(None, "Checkpoint file (default: the run's checkpoint artifact, else its "
+                                 "last.pt or the last-<run id>.pt kept beside it).", metavar="PATH")
+    tracking_uri: str | None = opt(None, "Tracking store (default: $MLFLOW_TRACKING_URI, else mlruns/).",
+                                   metavar="URI")
+
+
+@dataclass
+class RunsConfig:
+    """What `probe runs` takes (experiments.runs.list_runs)."""
+
+    kind: str | None = opt(None, "Only runs of this kind.", choices=RUN_KINDS)
+    model: str | None = opt(None, "Only runs of this model.")
+    dataset: str | None = opt(None, "Only runs on this dataset.", choices=DATASETS)
+    status: str | None = opt(None, "Only runs with this status.", choices=RUN_STATUSES)
+    stale: bool = opt(False, "Only RUNNING runs whose heartbeat stopped (their process is gone or unreachable).")
+    limit: int = opt(50, "At most this many runs, newest first.")
     tracking_uri: str | None = opt(None, "Tracking store (default: $MLFLOW_TRACKING_URI, else mlruns/).",
                                    metavar="URI")

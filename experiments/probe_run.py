@@ -47,41 +47,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import tracking
-from experiments.data import load_recorded
+from experiments.data import check_input, load_recorded
+from experiments.options import ProbeConfig
 from models.errors import UserError
 from probes.features import POOLS, block_features, extract, feature_specs, paired_steps_model
 from probes.linear import PROBES
-from probes.measures import Labels, measure, metrics_of
+from probes.measures import Labels, detail_groups, measure, metrics_of
 
 __all__ = ["PATHS", "LEVEL_CHOICES", "ProbeConfig", "ProbeReport", "select_paths", "select_levels", "parse_layers",
-           "run_probe", "format_table"]
+           "run_probe", "format_table", "check_enough_data", "check_class_counts"]
 
 PATHS = ("slow", "fast", "full", "matched", "all")
 LEVEL_CHOICES = ("coarse", "fine", "both", "detail", "all")
 LEVELS_OF = {"coarse": ["coarse"], "fine": ["fine"], "both": ["coarse", "fine"], "detail": ["detail"],
              "all": ["coarse", "fine", "detail"]}
-
-
-@dataclass
-class ProbeConfig:
-    """What `probe run` takes; see the CLI help for each field."""
-    model: str | None = None
-    run: str | None = None
-    path: str = "all"
-    level: str = "both"
-    dataset: str | None = None
-    pool: str = "mean"
-    layers: str = "none"
-    seed: int = 0
-    limit: int | None = None
-    test_limit: int | None = None
-    probe: str = "auto"
-    tracking_uri: str | None = None
-    random_splits: int = 3
-    n_boot: int = 1000
-    batch_size: int = 256
-    mdl: bool = True
-    curves: bool = True
 
 
 @dataclass
@@ -175,13 +154,12 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
     n_blocks = sum(1 for s in feature_specs(model, random_splits=0) if re.fullmatch(r"blocks\.\d+", s))
     layers = parse_layers(cfg.layers, n_blocks)
     dataset = cfg.dataset or info.get("dataset")
-    train_ds = load_recorded(info, "train", dataset=dataset, limit=cfg.limit, seed=cfg.seed)
-    test_ds = load_recorded(info, "test", dataset=dataset, limit=cfg.test_limit, seed=cfg.seed)
-    want = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())
-    have = (train_ds.in_chans, train_ds.img_size, train_ds.images.shape[3])
-    if want and tuple(want) != have:
-        raise UserError(f"dataset {dataset} has {'x'.join(map(str, have))} images; {name} takes "
-                         f"{'x'.join(map(str, want))}")
+    train_ds = load_recorded(info, "train", dataset=dataset, data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed)
+    test_ds = load_recorded(info, "test", dataset=dataset, data_dir=cfg.data_dir, limit=cfg.test_limit,
+                            seed=cfg.seed)
+    check_input(info, train_ds, name)
+    check_enough_data(model, train_ds, levels, paths, full, name=name, limit=cfg.limit,
+                      kw=dict(pool=cfg.pool, model_name=name, random_splits=cfg.random_splits, split_seed=cfg.seed))
     blocks = {k: block_features(model, k, model_name=name) for k in layers}
     if cfg.path != "all":
         blocks = {k: {p: f for p, f in v.items() if p in paths} for k, v in blocks.items()}
@@ -223,6 +201,45 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
         _log_artifacts(rows + depth_rows, dol, curves, fits, metrics, params, lte, depth_rows)
         echo(f"probe run {run.info.run_id} (model {name}, frozen run {info.get('run_id')})")
     return ProbeReport(run.info.run_id, rows + depth_rows, dol, metrics, table, curves)
+
+
+def check_enough_data(model, train_ds, levels: list[str], paths: dict[str, str], full: set[str], *, name: str,
+                      limit: int | None, kw: dict) -> None:
+    """Refuse data too small for the probes to mean anything, before any run is opened (one line, exit 2).
+
+    Each probe picks its regularisation on a stratified validation split, so every class of a probed level
+    needs at least two training images. The equal-width controls fit probes on the top k_eq principal
+    components (k_eq = the narrower path's width), and n centred training images have at most n - 1 of them.
+    """
+    more = f"raise --limit (now {limit})" if limit else "use a larger dataset"
+    check_class_counts(train_ds, levels, more)
+    if not full or levels == ["detail"]:
+        return
+    # The paths' widths from one image (no cache): k_eq as probes.measures computes it.
+    one = extract(model, train_ds.subset([0]), sorted(set(paths.values())), cache=False, **kw)
+    widths = {p: one[f].shape[-1] for p, f in paths.items()}
+    k_eq = min(widths.values())
+    if k_eq > len(train_ds) - 1:
+        raise UserError(f"too little data for a probe: the equal-width controls use k_eq={k_eq} principal "
+                        f"components, but {len(train_ds)} training images span at most {len(train_ds) - 1}; "
+                        f"{more} to at least {k_eq + 1}")
+
+
+def check_class_counts(train_ds, levels: list[str], more: str) -> None:
+    """A one-line error unless every class of each probed level has at least 2 training images (`more` says
+    how to get more)."""
+    for level in levels:
+        if level == "coarse":
+            counts, names = np.bincount(train_ds.coarse.numpy(), minlength=train_ds.num_coarse), train_ds.coarse_names
+        else:  # fine, and detail (fine classes within each coarse group with >= 2 of them)
+            counts, names = np.bincount(train_ds.fine.numpy(), minlength=train_ds.num_fine), train_ds.fine_names
+            if level == "detail":
+                probed = {c for group in detail_groups(train_ds.fine_to_coarse).values() for c in group}
+                counts = np.where([c in probed for c in range(len(counts))], counts, 2)
+        if counts.min() < 2:
+            c = int(counts.argmin())
+            raise UserError(f"too little data for a probe: class {names[c]!r} has {int(counts[c])} training "
+                            f"image(s) at level {level}, at least 2 per class are needed; {more}")
 
 
 def format_table(rows: list[dict], dol: dict) -> str:

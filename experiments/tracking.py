@@ -3,25 +3,35 @@
 Store: by default an embedded SQLite database at ``<root>/mlruns/mlflow.db`` with artifacts under
 ``<root>/mlruns/artifacts`` (root = ``$STEPSLAB_HOME`` or the current directory). MLflow 3.x refuses the
 plain ``./mlruns`` file store, hence SQLite. A team points at an ``mlflow server`` with ``--tracking-uri``
-or ``MLFLOW_TRACKING_URI``.
+or ``MLFLOW_TRACKING_URI``. Only the default store is created on demand; any other URI must name a store (or,
+for SQLite, a folder) that exists.
 
-Frozen models are logged with ``serialization_format="pickle"`` (MLflow 3's default, ``"pt2"``, traces the
-model through ``torch.export`` and would drop our forward hooks and named sub-modules).
+Frozen models hold no pickle: the run artifact ``model/`` is ``model.safetensors`` (the state_dict) plus
+``card.json`` (timm model name and create kwargs, classes, input size, training data, git commit, sha256 of the
+weights). `load_frozen` checks the hash, rebuilds the model with ``timm.create_model`` from the installed code
+and loads the weights with ``strict=True``, so a store's contents can change numbers but never run code.
+Versions frozen the old way (MLflow's pickle flavour) are refused with the command that re-freezes them.
+
+Every run records its host, pid, process start time and a heartbeat (experiments.runs); `configure` ends the
+RUNNING runs of this host whose process died as FAILED.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import re
 import signal
-import socket
 import subprocess
+import sys
+import tempfile
 import threading
 from importlib import metadata as _pkg_metadata
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Any, Iterator
 
 # Set before MLflow is imported: the workbench runs offline, so no telemetry thread, and no tqdm bars
@@ -30,10 +40,14 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow  # noqa: E402
+import timm  # noqa: E402
 import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from experiments import runs as _runs  # noqa: E402
+from experiments.errors import raise_interrupt  # noqa: E402
+from experiments.options import FORBIDDEN_MODEL_KWARGS  # noqa: E402
 from models.errors import UserError  # noqa: E402
 from models.registry import check_name  # noqa: E402
 
@@ -42,7 +56,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TrackingError", "resolve_tracking_uri", "configure", "tracked_run", "log_metrics", "log_dict_artifact",
-    "log_figure", "register_frozen", "load_frozen", "newest_frozen", "resolve_frozen", "find_runs",
+    "log_figure", "register_frozen", "load_frozen", "newest_frozen", "resolve_frozen", "find_runs", "check_uri",
+    "get_run", "logged_steps", "build_model", "read_json_artifact", "download_run_file", "FROZEN_FORMAT",
 ]
 
 _log = logging.getLogger(__name__)
@@ -50,6 +65,8 @@ _log = logging.getLogger(__name__)
 KIND_TAG = "stepslab.kind"
 MODEL_TAG = "stepslab.model"  # on registered model versions: model_info["model"], searched by newest_frozen
 _MODEL_ARTIFACT = "model"
+FROZEN_FORMAT = "stepslab-frozen/1"
+_WEIGHTS, _CARD = "model.safetensors", "card.json"
 _MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3.17
 _MAX_KEY = 250  # MAX_ENTITY_KEY_LENGTH
 _TRUNCATED = "...[truncated]"
@@ -72,15 +89,44 @@ def _default_root() -> Path:
     return Path(os.environ.get("STEPSLAB_HOME") or os.getcwd()).expanduser().resolve() / "mlruns"
 
 
+# Schemes MLflow 3 can track to. Plain paths and file:// (the file store) are refused by MLflow 3 itself.
+_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+_ALLOWED_URIS = "sqlite:///PATH/TO/mlflow.db, http(s)://HOST:PORT, postgresql://, mysql://, mssql://, databricks"
+
+
+def check_uri(uri: str, source: str = "tracking URI") -> str:
+    """`uri` if MLflow can use it, else a one-line `TrackingError` naming it and what is allowed.
+
+    A ``sqlite:///`` path must lie in an existing folder: nothing is created for a mistyped path.
+    """
+    parts = urlsplit(uri.strip()) if "://" in uri else None
+    scheme = parts.scheme.split("+")[0].lower() if parts else ""  # postgresql+psycopg2://
+    if scheme not in _SCHEMES:
+        what = f"unknown scheme {parts.scheme + '://'!r}" if parts and parts.scheme else "not a URI"
+        raise TrackingError(f"{source} {uri!r}: {what}; allowed: {_ALLOWED_URIS}")
+    if scheme in ("http", "https") and not parts.hostname:
+        raise TrackingError(f"{source} {uri!r}: no host; allowed: http(s)://HOST:PORT")
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///") or len(uri) == len("sqlite:///"):
+            raise TrackingError(f"{source} {uri!r}: expected sqlite:///PATH/TO/mlflow.db (an absolute path "
+                                "after a fourth slash, sqlite:////abs/x.db)")
+        folder = Path(uri[len("sqlite:///"):]).expanduser().absolute().parent
+        if not folder.is_dir():
+            raise TrackingError(f"{source} {uri!r}: folder {folder} does not exist (nothing was created); "
+                                "create it first or fix the path")
+    return uri
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The tracking URI: `uri` > env ``MLFLOW_TRACKING_URI`` > embedded SQLite under ``<root>/mlruns``.
 
-    For the default, creates the ``mlruns`` folder (the database itself is created on first use).
+    Given URIs are checked (`check_uri`); only for the default is the ``mlruns`` folder created (the database
+    itself is created on first use).
     """
     if uri:
-        return uri
+        return check_uri(uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return check_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
     root = _default_root()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
@@ -107,26 +153,27 @@ def _temp_env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _short(exc: BaseException, limit: int = 200) -> str:
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    text = lines[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short(exc: BaseException) -> str:
+    """The first line of `exc`'s message, whole (a cut sentence helps no one), else its type's name."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def configure(uri: str | None = None, experiment: str = "stepslab") -> str:
     """Point MLflow (tracking and registry) at `uri` (see `resolve_tracking_uri`) and ensure `experiment` exists.
 
     Checks that the store answers before any work starts: an unreachable server raises
-    ``TrackingError("tracking URI <uri>: unreachable (...)")`` after one short attempt. Returns the URI.
+    ``TrackingError("tracking URI <uri>: unreachable (...)")`` after one short attempt. Then ends the runs of
+    this host whose process died as FAILED (`experiments.runs.mark_dead_runs`). Returns the URI.
     """
     uri = resolve_tracking_uri(uri)
     # The SQLite store logs every alembic migration step at INFO on first use.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    # Check with a client of its own, so a failed configure leaves MLflow's global URIs as they were.
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     # Fail fast: one attempt, short timeout, for this check only (a real run keeps MLflow's retries).
     with _temp_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"):
         try:
+            # A client of its own, so a failed configure leaves MLflow's global URIs as they were.
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
                 art = _sqlite_artifact_root(uri)
@@ -146,11 +193,16 @@ def configure(uri: str | None = None, experiment: str = "stepslab") -> str:
             # MLflow wraps the socket error in a long urllib3 message; "[Errno 111] Connection refused" is the news.
             errno = re.search(r"\[Errno [^\]]*\][^'\")]*", str(exc))
             reason = errno.group(0).strip() if errno else _short(exc)
-            raise TrackingError(f"tracking URI {uri}: unreachable ({reason})") from None
+            what = "cannot be opened" if uri.startswith("sqlite:") else "unreachable"
+            raise TrackingError(f"tracking URI {uri}: {what} ({reason})") from None
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     mlflow.set_experiment(experiment_id=exp_id)
     _state.update(uri=uri, experiment_id=exp_id)
+    try:
+        _runs.mark_dead_runs(client, echo=lambda msg: print(msg, file=sys.stderr))
+    except MlflowException as exc:  # housekeeping must not stop the command
+        _log.warning("could not check for runs left RUNNING by dead processes (%s)", _short(exc))
     return uri
 
 
@@ -196,7 +248,6 @@ def _environment_tags() -> dict[str, str]:
         "stepslab.git_commit": commit,
         "mlflow.source.git.commit": commit,  # shown by the MLflow UI
         "stepslab.git_dirty": "unknown" if status is None else str(bool(status)).lower(),
-        "stepslab.host": socket.gethostname(),
         "stepslab.torch": torch.__version__,
         "stepslab.device": device,
     }
@@ -220,10 +271,6 @@ def _resume_params_and_tags(old: Any, flat: dict[str, str], env_tags: dict[str, 
         mlflow.set_tags(tags)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @contextlib.contextmanager
 def tracked_run(kind: str, params: dict, *, tags: dict | None = None, run_id: str | None = None,
                 run_name: str | None = None, parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
@@ -235,7 +282,10 @@ def tracked_run(kind: str, params: dict, *, tags: dict | None = None, run_id: st
     value are skipped, params whose value changed are kept as first logged (MLflow params are immutable) and
     named in a warning and the ``stepslab.resume_changed_params`` tag; environment tags are only filled in
     where missing. The run ends FINISHED on normal exit, FAILED when an exception escapes (re-raised), KILLED
-    on KeyboardInterrupt or SIGTERM (turned into KeyboardInterrupt in the main thread for the duration).
+    on KeyboardInterrupt or SIGTERM (turned into KeyboardInterrupt in the main thread for the duration); the
+    tag ``stepslab.end_reason`` says why a run failed or was killed. Host, pid, process start time and a
+    heartbeat are recorded (experiments.runs; refreshed on resume), so a run whose process dies without
+    ending it is found and closed by the next command.
 
     If MLflow already has an active run, the new run is nested under it (a `parent_run_id` other than the
     active run is refused by MLflow).
@@ -246,23 +296,27 @@ def tracked_run(kind: str, params: dict, *, tags: dict | None = None, run_id: st
     outer = mlflow.active_run()
     outer_id, nested = (outer.info.run_id, True) if outer is not None else (None, False)
     env_tags = _environment_tags()
+    proc_tags = _runs.process_tags()
     user_tags = {k: str(v) for k, v in (tags or {}).items()}
     if run_id is None:
         active = mlflow.start_run(experiment_id=_state["experiment_id"], run_name=run_name, nested=nested,
-                                  parent_run_id=parent_run_id, tags={KIND_TAG: kind, **env_tags, **user_tags})
+                                  parent_run_id=parent_run_id,
+                                  tags={KIND_TAG: kind, **env_tags, **proc_tags, **user_tags})
         old = None
     else:
         try:
             old = client.get_run(run_id)
         except MlflowException:
-            raise TrackingError(f"run {run_id}: not found in {_state['uri']} (find runs with find_runs / the "
-                                "MLflow UI)") from None
+            raise TrackingError(f"run {run_id}: not found in {_state['uri']} (list runs with: probe runs)"
+                                ) from None
         active = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id)
+        mlflow.set_tags({**proc_tags, _runs.REASON_TAG: ""})  # this process runs it now
 
     # Signal handlers can only be installed from the main thread; elsewhere SIGTERM keeps its handler.
     in_main = threading.current_thread() is threading.main_thread()
-    old_handler = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
-    status = "FINISHED"
+    old_handler = signal.signal(signal.SIGTERM, raise_interrupt) if in_main else None
+    heartbeat = _runs.Heartbeat(client.set_tag, active.info.run_id).start()
+    status, reason = "FINISHED", ""
     try:
         if old is None:
             if flat:
@@ -270,19 +324,23 @@ def tracked_run(kind: str, params: dict, *, tags: dict | None = None, run_id: st
         else:
             _resume_params_and_tags(old, flat, {KIND_TAG: kind, **env_tags}, user_tags)
         yield active
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except KeyboardInterrupt as exc:
+        status, reason = "KILLED", f"interrupted ({exc or 'SIGINT'})"
         raise
     except SystemExit as exc:
         status = "FINISHED" if exc.code in (None, 0) else "FAILED"
+        reason = "" if status == "FINISHED" else f"exit status {exc.code}"
         raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as exc:
+        status, reason = "FAILED", f"{type(exc).__name__}: {_short(exc)}"
         raise
     finally:
+        heartbeat.stop()
         if in_main:  # None means "installed from C": the closest we can restore is the default
             signal.signal(signal.SIGTERM, old_handler if old_handler is not None else signal.SIG_DFL)
         try:
+            if reason:
+                client.set_tag(active.info.run_id, _runs.REASON_TAG, reason[:_MAX_PARAM_VALUE])
             # Runs the block left open on top of ours are ended with it, so MLflow's run stack is back to
             # what it was before (the outer run, if any, stays active).
             ended = False
@@ -352,57 +410,108 @@ def log_figure(fig: Any, path: str) -> None:
 # ------------------------------------------------------------------------------------------- registry
 
 
-def _pip_requirements() -> list[str]:
-    # Pinned list, so log_model does not infer requirements (which loads the model in a subprocess).
-    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
-    for pkg in ("timm", "mlflow"):
-        try:
-            reqs.append(f"{pkg}=={_pkg_metadata.version(pkg)}")
-        except _pkg_metadata.PackageNotFoundError:
-            pass
-    return reqs
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for pkg in ("timm", "safetensors", "mlflow"):
+        with contextlib.suppress(_pkg_metadata.PackageNotFoundError):
+            out[pkg] = _pkg_metadata.version(pkg)
+    return out
+
+
+def build_model(name: str, kwargs: dict, what: str) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)`` for a StepsLab model name, with one-line
+    `TrackingError`s naming `what` for unknown names, forbidden kwargs (ones that would load weights from
+    elsewhere) and kwargs the model refuses."""
+    try:
+        check_name(name)
+    except UserError as exc:
+        raise TrackingError(f"{what}: {exc}") from None
+    bad = sorted(set(kwargs) & set(FORBIDDEN_MODEL_KWARGS))
+    if bad:
+        raise TrackingError(f"{what}: create kwarg {bad[0]!r} is not allowed in a frozen model (it would load "
+                            "weights from elsewhere)")
+    import models  # noqa: F401  (registers the StepsLab models in timm)
+
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - TypeError/ValueError/AssertionError from a model's __init__
+        raise TrackingError(f"{what}: {name} cannot be built with {kwargs} ({type(exc).__name__}: "
+                            f"{_short(exc)})") from None
+
+
+def _check_state(model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights whose names or shapes differ from `model`'s (load_state_dict would say so less clearly)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+        diff = [k for k in want.keys() & have.keys() if want[k] != have[k]]
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
+                  f"{diff[0]} is {have[diff[0]]}, {name} has {want[diff[0]]}")
+        raise TrackingError(f"{what}: the weights do not fit {name}: {detail}")
 
 
 def register_frozen(model: torch.nn.Module, registered_name: str, *, model_info: dict,
                     alias: str = "frozen") -> str:
-    """Log `model` (eval mode, pickle serialization) in the active run and register it as `registered_name`.
+    """Freeze `model` in the active run and register it as a new version of `registered_name`.
 
-    `model_info` (JSON-able: timm model name under ``"model"``, create kwargs, dataset, label counts ...) is
-    stored in the model's MLmodel metadata and as the run artifact ``model_info.json``. The new version gets
-    alias `alias` and the tag ``stepslab.model``. Returns ``models:/<name>@<alias>``.
+    `model_info` (JSON-able) must hold the StepsLab model name under ``"model"`` and the ``timm.create_model``
+    kwargs under ``"create_kwargs"`` (classes, channels, image size, ...); the rest (dataset, labels, metrics)
+    is kept. Writes the run artifact ``model/`` = ``model.safetensors`` + ``card.json`` (model_info plus
+    format, input size, git commit, package versions, the weights' sha256 and the run whose weights these are),
+    and ``model_info.json`` (the card again, for `probe freeze` and readers of the run). Refuses, before writing
+    anything, a model that `load_frozen` could not rebuild. The version gets alias `alias` and the tag
+    ``stepslab.model``. Returns the version's own URI ``models:/<name>/<version>`` (the alias may move on).
     """
+    from safetensors.torch import save_file
+
     _require_run("register_frozen")
     run = mlflow.active_run()
-    info = json.loads(_to_json(model_info))  # plain types only: the MLmodel file is YAML
-    was_training = model.training
-    model.eval()
-    pytorch_log = logging.getLogger("mlflow.pytorch")
-    old_level = pytorch_log.level
-    # We choose pickle knowingly (hooks, named sub-modules); MLflow warns about it on every save.
-    pytorch_log.setLevel(logging.ERROR)
-    try:
-        # code_paths is left out on purpose: the pickle refers to the repo's `models` package, and a bundled
-        # copy would be put ahead of the live package on sys.path at load time.
-        logged = mlflow.pytorch.log_model(model, name=_MODEL_ARTIFACT, serialization_format="pickle",
-                                          pip_requirements=_pip_requirements(),
-                                          registered_model_name=registered_name,
-                                          metadata={"model_info": info})
-    finally:
-        pytorch_log.setLevel(old_level)
-        model.train(was_training)
-    version = str(logged.registered_model_version)
+    info = json.loads(_to_json(model_info))
+    name, kwargs = info.get("model"), info.get("create_kwargs")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise TypeError("register_frozen: model_info needs 'model' (a model name) and 'create_kwargs' (a dict)")
+    # Tensors that share storage (tied weights) cannot be stored as such; separate copies load the same.
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    # Refuse now, before anything is written, what load_frozen could not rebuild.
+    _check_state(build_model(name, kwargs, f"model {name}"), name, state, f"model {name}")
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    card = {**info, "format": FROZEN_FORMAT, "run_id": info.get("run_id") or run.info.run_id,
+            "frozen_in_run": run.info.run_id, "git_commit": commit, "versions": _versions()}
+    if "input_size" not in card and info.get("in_chans") and info.get("img_size"):
+        card["input_size"] = [info["in_chans"], info["img_size"], info["img_size"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / _WEIGHTS
+        save_file(state, str(weights), metadata={"format": FROZEN_FORMAT, "model": name})
+        card["weights"] = {"file": _WEIGHTS, "sha256": _sha256(weights), "bytes": weights.stat().st_size}
+        (Path(tmp) / _CARD).write_text(_to_json(card))
+        mlflow.log_artifacts(tmp, _MODEL_ARTIFACT)
     client = MlflowClient()
-    client.set_model_version_tag(registered_name, version, MODEL_TAG, str(info.get("model", "")))
-    client.set_model_version_tag(registered_name, version, "stepslab.run_id", run.info.run_id)
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        registered_name, source=f"{run.info.artifact_uri}/{_MODEL_ARTIFACT}", run_id=run.info.run_id,
+        tags={MODEL_TAG: name, "stepslab.run_id": card["run_id"], "stepslab.format": FROZEN_FORMAT}).version
     client.set_registered_model_alias(registered_name, alias, version)
-    log_dict_artifact(info, "model_info.json")
-    return f"models:/{registered_name}@{alias}"
+    log_dict_artifact(card, "model_info.json")
+    return f"models:/{registered_name}/{version}"
 
 
 def _missing_model_message(ref: str, uri: str, client: MlflowClient) -> str:
     """Say what exists instead of `ref`, for a models:/ URI that did not resolve."""
     name = re.split(r"[@/]", uri[len("models:/"):], maxsplit=1)[0]
-    hint = "a train run with register_frozen registers one"
+    hint = "probe train freezes one; list runs with: probe runs --kind train"
     try:
         models = {m.name: m for m in client.search_registered_models(max_results=50)}
     except MlflowException:
@@ -414,50 +523,124 @@ def _missing_model_message(ref: str, uri: str, client: MlflowClient) -> str:
     return f"{ref}: registered model {name!r} has no such version/alias ({aliases}; {hint})"
 
 
-def load_frozen(ref: str) -> tuple[torch.nn.Module, dict]:
-    """Load a frozen model: `ref` is a run id (32 hex; its logged "model"), a ``models:/`` URI (name@alias or
-    name/version) or a registered model name (its ``frozen`` alias).
+def _refreeze(run_id: str | None) -> str:
+    return f"probe freeze --run {run_id}" if run_id else "probe freeze --run <its train run id>"
 
-    Returns ``(model, info)``: the model on CPU, in eval() with ``requires_grad=False`` everywhere, and
-    model_info plus ``run_id`` and ``uri``. Unknown references raise `TrackingError`.
+
+def _old_format_run(local: Path) -> str | None:
+    """The run id in an MLflow-flavour model folder's MLmodel file (read as text: nothing is unpickled)."""
+    with contextlib.suppress(OSError):
+        m = re.search(r"^run_id:\s*([0-9a-f]{32})", (local / "MLmodel").read_text(), re.M)
+        return m.group(1) if m else None
+    return None
+
+
+def _load_card(local: Path, ref: str, run_id: str | None) -> dict:
+    card_path = local / _CARD
+    if not card_path.is_file():
+        if (local / "MLmodel").is_file():
+            run_id = _old_format_run(local) or run_id
+            raise TrackingError(f"{ref} was frozen in the old pickle format, which StepsLab no longer loads (loading "
+                                f"a pickle can run code); re-freeze it from its run's checkpoint: "
+                                f"{_refreeze(run_id)}")
+        raise TrackingError(f"{ref}: no {_CARD} in {local}; not a StepsLab frozen model")
+    try:
+        card = json.loads(card_path.read_text())
+        assert isinstance(card, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        raise TrackingError(f"{card_path} is not a JSON object (corrupt or truncated); re-freeze the model: "
+                            f"{_refreeze(run_id)}") from None
+    if card.get("format") != FROZEN_FORMAT:
+        raise TrackingError(f"{card_path}: format {card.get('format')!r}, this StepsLab reads {FROZEN_FORMAT!r}; "
+                            f"re-freeze the model: {_refreeze(card.get('run_id') or run_id)}")
+    return card
+
+
+def _load_local(local: Path, ref: str, run_id: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the frozen model in folder `local` (card.json + model.safetensors); see `load_frozen`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    card = _load_card(local, ref, run_id)
+    fix = _refreeze(card.get("run_id") or run_id)
+    spec = card.get("weights") or {}
+    if spec.get("file") != _WEIGHTS or not isinstance(spec.get("sha256"), str):
+        raise TrackingError(f"{local / _CARD}: its weights entry must name {_WEIGHTS} and its sha256; re-freeze "
+                            f"the model: {fix}")
+    weights = local / _WEIGHTS
+    if not weights.is_file():
+        raise TrackingError(f"{weights} is missing; re-freeze the model: {fix}")
+    digest = _sha256(weights)
+    if digest != spec["sha256"]:
+        raise TrackingError(f"{weights}: sha256 {digest[:12]}... differs from its card's {spec['sha256'][:12]}... "
+                            f"(the file is corrupt, truncated or was replaced); re-freeze the model: {fix}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TrackingError(f"{weights} is not a readable safetensors file ({_short(exc)}); re-freeze the model: "
+                            f"{fix}") from None
+    name, kwargs = card.get("model"), card.get("create_kwargs")
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise TrackingError(f"{local / _CARD}: needs 'model' and 'create_kwargs'; re-freeze the model: {fix}")
+    model = build_model(name, kwargs, str(local / _CARD))
+    _check_state(model, name, state, f"{weights}")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, card
+
+
+def load_frozen(ref: str) -> tuple[torch.nn.Module, dict]:
+    """Load a frozen model: `ref` is a run id (32 hex; the model that run froze), a ``models:/`` URI
+    (name@alias or name/version) or a registered model name (its ``frozen`` alias).
+
+    Nothing read from the store is unpickled: the card and weights are checked (sha256, names, shapes), the
+    model is built by ``timm.create_model`` from the installed code and the safetensors weights are loaded
+    with ``strict=True``. Returns ``(model, info)``: the model on CPU, in eval() with ``requires_grad=False``
+    everywhere, and the card (model_info) plus ``uri``; ``info["run_id"]`` is the run whose weights these are.
+    Unknown references, old pickle-format versions and corrupt files raise `TrackingError` (one line, with
+    the fix).
     """
     _ensure_configured()
     client = MlflowClient()
     ref = ref.strip()
+    run_id = None
     if _RUN_ID_RE.fullmatch(ref):
         try:
             run = client.get_run(ref)
         except MlflowException:
             raise TrackingError(f"{ref}: no run with this id in {_state['uri']}") from None
-        # MLflow 3 keeps logged models as their own entities; find the one this run logged.
-        logged = mlflow.search_logged_models(
-            experiment_ids=[run.info.experiment_id],
-            filter_string=f"source_run_id = '{ref}' AND name = '{_MODEL_ARTIFACT}'",
-            order_by=[{"field_name": "creation_timestamp", "ascending": False}], max_results=1,
-            output_format="list")
-        if not logged:
+        run_id = ref
+        names = {Path(a.path).name for a in client.list_artifacts(ref, _MODEL_ARTIFACT)}
+        if not names:
             kind = run.data.tags.get(KIND_TAG, "?")
-            raise TrackingError(f"run {ref} ({kind}): no model logged (a train run with register_frozen logs one)")
-        uri = f"models:/{logged[0].model_id}"
-    elif ref.startswith("models:/"):
-        uri = ref
+            hint = f"freeze it with: probe freeze --run {ref}" if kind == "train" else "freeze a train run"
+            raise TrackingError(f"run {ref} ({kind}): no frozen model logged; {hint}")
+        uri = f"runs:/{ref}/{_MODEL_ARTIFACT}"
+        # Only the files the new format reads (an old version's pickle is never even fetched).
+        with tempfile.TemporaryDirectory(prefix="stepslab-frozen-") as tmp:
+            for n in (_CARD, _WEIGHTS, "MLmodel"):
+                if n in names:  # each lands in <tmp>/<name> (mlflow drops the folder)
+                    got = mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=f"{_MODEL_ARTIFACT}/{n}",
+                                                              dst_path=tmp)
+                    if Path(got).parent != Path(tmp):
+                        os.replace(got, Path(tmp) / n)
+            model, card = _load_local(Path(tmp), ref, run_id)
     else:
-        uri = f"models:/{ref}@frozen"
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except MlflowException:
-        raise TrackingError(_missing_model_message(ref, uri, client)) from None
-    try:
-        import models  # noqa: F401  # our model classes must be importable before unpickling
-    except ImportError:
-        pass
-    model = mlflow.pytorch.load_model(local, map_location="cpu")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mlmodel = mlflow.models.Model.load(local)
-    info = dict((mlmodel.metadata or {}).get("model_info") or {})
-    info.update(run_id=mlmodel.run_id, uri=uri)
+        uri = ref if ref.startswith("models:/") else f"models:/{ref}@frozen"
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        except MlflowException:
+            raise TrackingError(_missing_model_message(ref, uri, client)) from None
+        with contextlib.suppress(MlflowException, ValueError):
+            name, _, ver = uri[len("models:/"):].partition("/")
+            mv = (client.get_model_version(name, ver) if ver else
+                  client.get_model_version_by_alias(*uri[len("models:/"):].split("@", 1)))
+            run_id = mv.tags.get("stepslab.run_id") or mv.run_id
+        model, card = _load_local(local, ref, run_id)
+    info = dict(card)
+    info.update(uri=uri, run_id=card.get("run_id") or run_id)
     return model, info
 
 
@@ -483,8 +666,7 @@ def resolve_frozen(model: str | None, run: str | None, dataset: str | None = Non
     """
     if run:
         net, info = load_frozen(run)
-        name = info.get("model") or str((getattr(net, "pretrained_cfg", None) or {}).get("architecture")
-                                        or type(net).__name__)
+        name = info["model"]
         if model and model != name:
             raise TrackingError(f"--run {run} holds model {name!r}, not --model {model!r}")
         return net, info, name, run
@@ -509,3 +691,41 @@ def find_runs(kind: str, filter_tags: dict | None = None, max_results: int = 100
     clauses = [f"tags.`{k}` = '{v}'" for k, v in {KIND_TAG: kind, **(filter_tags or {})}.items()]
     return mlflow.search_runs(search_all_experiments=True, filter_string=" AND ".join(clauses),
                               order_by=["attributes.start_time DESC"], max_results=max_results)
+
+
+def get_run(run_id: str):
+    """The MLflow run `run_id`, or a one-line `TrackingError` saying how to find run ids."""
+    _ensure_configured()
+    if not _RUN_ID_RE.fullmatch(run_id.strip()):
+        raise TrackingError(f"run id {run_id!r}: expected 32 hex digits (list runs with: probe runs)")
+    try:
+        return MlflowClient().get_run(run_id.strip())
+    except MlflowException:
+        raise TrackingError(f"run {run_id}: not found in {_state['uri']} (list runs with: probe runs)") from None
+
+
+def logged_steps(run_id: str) -> dict[str, int]:
+    """metric key -> the highest step logged for it in run `run_id` (to log each step of a resumed run once)."""
+    client = MlflowClient()
+    return {key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics}
+
+
+def download_run_file(run_id: str, path: str, dst: str | Path) -> Path | None:
+    """Download the run artifact `path` into folder `dst`; None when the run has no such artifact."""
+    folder, _, name = path.rpartition("/")
+    if name not in {Path(a.path).name for a in MlflowClient().list_artifacts(run_id, folder or None)}:
+        return None
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def read_json_artifact(run_id: str, path: str) -> Any:
+    """The run's JSON artifact `path` parsed (plain JSON, nothing executable), or None when it has none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_run_file(run_id, path, tmp)
+        if local is None:
+            return None
+        try:
+            return json.loads(local.read_text())
+        except ValueError:
+            raise TrackingError(f"run {run_id}: artifact {path} is not valid JSON (corrupt or truncated)") from None

@@ -23,6 +23,7 @@ and tqdm are installed (experiments/gpu_check.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -48,12 +49,12 @@ from tqdm import tqdm  # noqa: E402
 import models  # noqa: E402
 from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, load_dataset  # noqa: E402
 from models.errors import UserError  # noqa: E402
-from experiments.options import DemoConfig, TrainConfig  # noqa: E402
+from experiments.options import FORBIDDEN_MODEL_KWARGS, DemoConfig, FreezeConfig, TrainConfig  # noqa: E402
 from probes.runtime import autocast, resolve_device  # noqa: E402
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "Dist", "train", "fit", "evaluate", "build_model",
            "model_kwargs", "make_optimizer", "lr_at", "load_data", "resolve_device", "autocast", "checkpoint_path",
-           "load_checkpoint", "steps_per_epoch", "run_demo"]
+           "load_checkpoint", "steps_per_epoch", "run_demo", "freeze", "check_model_options"]
 
 CHECKPOINT_FORMAT = 1
 MIN_LR_FRACTION = 0.01       # cosine ends at lr * this
@@ -64,6 +65,7 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token")
 # Resuming with a different value of these would change the data, the model or the step count per epoch.
 RESUME_FIXED = ("model", "dataset", "limit", "seed", "batch_size", "augment", "data_options",
                 "model_kwargs")
+ACTIONS = ("resume", "fresh")  # what a command does, not what the run is: never logged, never compared
 _STREAM_ORDER, _STREAM_AUGMENT, _STREAM_GLOBAL = 1, 2, 3
 
 
@@ -132,7 +134,41 @@ def validate(cfg: TrainConfig) -> None:
     for name, ok, allowed in checks:
         if not ok:
             raise UserError(f"{name} must be {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.resume and cfg.fresh:
+        raise UserError("--resume and --fresh exclude each other: --resume continues the checkpoint's run, "
+                        "--fresh starts a new one")
     resolve_device(cfg.device)
+    check_model_options(cfg.model, cfg.model_kwargs)
+
+
+def check_model_options(name: str, options: dict) -> None:
+    """Refuse `--model-option`s that `name` does not take, before any data is loaded or run opened: one line
+    naming the option and what is allowed (the parameters of the model's class)."""
+    if not options:
+        return
+    import inspect
+    import re
+
+    bad = sorted(set(options) & set(FORBIDDEN_MODEL_KWARGS))
+    if bad:
+        raise UserError(f"--model-option {bad[0]}: not allowed (it would load weights from elsewhere; a frozen model "
+                        "refuses it too)")
+    try:
+        models.create_model(name, **options)  # a CPU build: a few seconds at most for the 224 px models
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - TypeError/ValueError/AssertionError from the model's __init__
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", msg)
+        if unknown:
+            cls = type(models.create_model(name))
+            allowed = [p for p, v in inspect.signature(cls.__init__).parameters.items()
+                       if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+            raise UserError(f"--model-option {unknown.group(1)}: {name} has no such option; allowed: "
+                            f"{', '.join(allowed)}") from None
+        shown = " ".join(f"{k}={v}" for k, v in options.items())
+        raise UserError(f"--model-option {shown}: {name} cannot be built with it ({type(exc).__name__}: {msg})"
+                        ) from None
 
 
 def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
@@ -391,9 +427,57 @@ def _rng_states(device: torch.device) -> dict:
     return states
 
 
+def _checkpoint_run(path: Path) -> str | None:
+    """The run id stored in the checkpoint at `path` (memory-mapped: cheap even for a big file); None if unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return ckpt.get("run_id") if isinstance(ckpt, dict) else None
+    except Exception:  # noqa: BLE001 - unreadable: treated as belonging to no run
+        return None
+
+
+def keep_aside(path: Path, run_id: str | None) -> Path:
+    """Move the checkpoint at `path` to ``last-<run id>.pt`` beside it (``-2``, ``-3`` ... if taken); returns it."""
+    stem = f"last-{run_id or 'unknown'}"
+    aside, n = path.with_name(f"{stem}.pt"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{stem}-{n}.pt")
+    os.replace(path, aside)
+    return aside
+
+
+def _claim_checkpoint(path: Path, cfg: TrainConfig, dist: Dist) -> None:
+    """A new run is about to write `path`: never replace what another run left there without a word.
+
+    A resumable checkpoint (its run stopped before its last epoch) stops the command unless `cfg.fresh`; any
+    other file there is kept beside as ``last-<run id>.pt``.
+    """
+    if not path.exists():
+        return
+    try:
+        old = load_checkpoint(path)
+    except UserError:
+        old = None
+    if old is not None:
+        done, epochs = old["epoch"], old["config"].get("epochs")
+        resumable = old["epoch_step"] > 0 or (epochs is not None and done < epochs)
+        if resumable and not cfg.fresh:
+            raise UserError(f"{path} holds the resumable checkpoint of run {old['run_id']} (epoch {done}/{epochs}, "
+                            f"step {old['step']}): continue it with --resume, or start over with --fresh (which "
+                            f"keeps that file as last-{old['run_id']}.pt)")
+    if dist.main:
+        aside = keep_aside(path, old["run_id"] if old else "unreadable")
+        _echo(f"kept the checkpoint of run {old['run_id'] if old else '(unreadable)'} that was at {path} as "
+              f"{aside.name}", dist)
+
+
 def save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, run_id: str | None, dist: Dist,
                     device: torch.device) -> None:
-    """Write the checkpoint atomically: a temp file in the same folder, then os.replace."""
+    """Write the checkpoint atomically: a temp file in the same folder, then os.replace.
+
+    If another run's checkpoint appeared at `path` meanwhile (a concurrent training with the same model,
+    dataset and seed), it is kept beside as ``last-<its run id>.pt`` rather than replaced."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model": state.model.state_dict(),
@@ -413,6 +497,9 @@ def save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, run_id: str
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists() and (other := _checkpoint_run(path)) != run_id:
+            aside = keep_aside(path, other or "unreadable")
+            _echo(f"another run's checkpoint appeared at {path}; kept it as {aside.name}", dist)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -426,13 +513,17 @@ def load_checkpoint(path: Path | str) -> dict:
     if not path.is_file():
         raise UserError(f"no checkpoint to resume from at {path} (train once without --resume, or pass"
                                 " the --checkpoint-dir and --seed that run used)")
+    fix = ("move it away (or train with --fresh, which keeps it beside) and train afresh, or resume from a good "
+           "copy")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, not a torch file, unpickling refused
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"checkpoint {path} does not load ({first})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} is not a StepsLab training checkpoint (format {CHECKPOINT_FORMAT})")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({first}); {fix}") from None
+    keys = ("model", "optimizer", "step", "epoch", "epoch_step", "config", "run_id", "history")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not all(k in ckpt for k in keys):
+        raise UserError(f"checkpoint {path} is not a StepsLab training checkpoint (format {CHECKPOINT_FORMAT}); "
+                        f"{fix}")
     return ckpt
 
 
@@ -446,7 +537,7 @@ def _check_resume(cfg: TrainConfig, ckpt: dict, path: Path, dist: Dist) -> None:
     if ckpt["world_size"] != dist.world_size and ckpt["epoch_step"]:
         raise UserError(f"checkpoint {path} stopped mid-epoch with {ckpt['world_size']} processes; resume with"
                          f" the same number, not {dist.world_size}")
-    changed = [k for k, v in old.items() if k not in ("resume", "max_steps") and getattr(cfg, k, v) != v]
+    changed = [k for k, v in old.items() if k not in (*ACTIONS, "max_steps") and getattr(cfg, k, v) != v]
     if changed:
         warnings.warn(f"resuming {path} with changed {', '.join(changed)}: training goes on with the new values",
                       stacklevel=3)
@@ -484,7 +575,8 @@ def _tags(cfg: TrainConfig, model: nn.Module, train_ds: LabeledImages, test_ds: 
 
 def _params(cfg: TrainConfig) -> dict:
     params = cfg.to_dict()
-    params.pop("resume")  # an action, not a setting: logging it would flag every resume as a changed param
+    for action in ACTIONS:  # actions, not settings: logging them would flag every resume as a changed param
+        params.pop(action)
     return params
 
 
@@ -497,7 +589,8 @@ def model_info(cfg: TrainConfig, train_ds: LabeledImages, metrics: dict) -> dict
         "num_coarse": train_ds.num_coarse, "fine_to_coarse": train_ds.fine_to_coarse,
         "fine_names": train_ds.fine_names, "coarse_names": train_ds.coarse_names,
         "mean": list(train_ds.mean), "std": list(train_ds.std), "img_size": train_ds.img_size,
-        "in_chans": train_ds.in_chans, "seed": cfg.seed, "metrics": metrics,
+        "in_chans": train_ds.in_chans, "input_size": list(train_ds.images.shape[1:]), "seed": cfg.seed,
+        "metrics": metrics,
     }
 
 
@@ -566,6 +659,8 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
     ckpt = load_checkpoint(path) if cfg.resume else None
     if ckpt is not None:
         _check_resume(cfg, ckpt, path, dist)
+    else:
+        _claim_checkpoint(path, cfg, dist)
     tracking = uri = None
     if dist.main:
         from experiments import tracking  # noqa: F811  (lazy: fit() must run without mlflow)
@@ -584,12 +679,19 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
                                        run_id=ckpt["run_id"] if ckpt is not None else None)
     with run_ctx as run:
         run_id = run.info.run_id if run is not None else None
+        # A resumed run re-trains the steps between its checkpoint and where it died; they were logged
+        # already (with the same values on CPU), so each metric is logged only past its last logged step.
+        logged = tracking.logged_steps(run_id) if run is not None and ckpt is not None else {}
+
+        def log(metrics: dict, step: int) -> None:
+            tracking.log_metrics({k: v for k, v in metrics.items() if step > logged.get(k, -1)}, step=step)
+
         if run is not None:
             if ckpt is not None:
                 _echo(f"resuming run {run_id} from {path} (epoch {state.epoch}, step {state.step})", dist)
-                tracking.log_metrics({"resumed_at_step": state.step}, step=state.step)
+                log({"resumed_at_step": state.step}, state.step)
             tracking.log_dict_artifact(cfg.to_dict(), "config.json")
-        on_log = tracking.log_metrics if run is not None else None
+        on_log = log if run is not None else None
 
         def on_epoch(st: TrainState, train_loss: float) -> None:
             if not dist.main:
@@ -598,9 +700,8 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
             for key, value in zip(HISTORY_KEYS, (st.epoch, st.step, train_loss, ev["loss"], ev["fine_acc"],
                                                  ev["coarse_acc"])):
                 st.history[key].append(value)
-            tracking.log_metrics({"epoch/train_loss": train_loss, "epoch/test_loss": ev["loss"],
-                                  "epoch/test_fine_acc": ev["fine_acc"],
-                                  "epoch/test_coarse_acc": ev["coarse_acc"]}, step=st.epoch)
+            log({"epoch/train_loss": train_loss, "epoch/test_loss": ev["loss"], "epoch/test_fine_acc": ev["fine_acc"],
+                 "epoch/test_coarse_acc": ev["coarse_acc"]}, st.epoch)
             save_checkpoint(path, st, cfg, run_id, dist, device)
             _echo(f"{cfg.model} epoch {st.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, test loss"
                   f" {ev['loss']:.4f}, fine acc {ev['fine_acc']:.4f}, coarse acc {ev['coarse_acc']:.4f}", dist)
@@ -633,6 +734,88 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
             model_uri = tracking.register_frozen(state.model, f"{cfg.model}-{cfg.dataset}",
                                                  model_info=model_info(cfg, train_ds, metrics))
     return TrainResult(run_id, model_uri, metrics, path, stopped is None, uri, cfg, state.model)
+
+
+# ---------------------------------------------------------------------------------------------- freeze
+
+# Card entries that describe one freezing, not the trained model: a re-freeze writes its own.
+_CARD_ONLY = ("format", "weights", "frozen_in_run", "git_commit", "versions", "uri", "checkpoint")
+
+
+def _run_checkpoint(run, explicit: str | None, tmp: Path) -> tuple[Path, dict]:
+    """The checkpoint of train run `run`: `explicit`, else its checkpoint artifact, its recorded last.pt, or the
+    last-<run id>.pt kept beside it; each read with weights_only=True and checked to belong to the run."""
+    from experiments import tracking
+
+    run_id = run.info.run_id
+    if explicit:
+        candidates = [Path(explicit)]
+        if not candidates[0].is_file():
+            raise UserError(f"--checkpoint {explicit}: no such file")
+    else:
+        candidates = []
+        art = tracking.download_run_file(run_id, "checkpoint/last.pt", tmp)
+        if art is not None:
+            candidates.append(art)
+        p = run.data.params
+        recorded = run.data.tags.get("stepslab.checkpoint") or (
+            str(Path(p["checkpoint_dir"]) / f"{p['model']}-{p['dataset']}-seed{p['seed']}" / "last.pt")
+            if {"checkpoint_dir", "model", "dataset", "seed"} <= p.keys() else None)
+        if recorded:
+            candidates += [Path(recorded), Path(recorded).with_name(f"last-{run_id}.pt")]
+    others = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        ckpt = load_checkpoint(path)
+        if ckpt["run_id"] == run_id:
+            return path, ckpt
+        others.append(f"{path} belongs to run {ckpt['run_id']}")
+    tried = "; ".join(others) or ", ".join(map(str, candidates)) or "no checkpoint recorded"
+    raise UserError(f"run {run_id}: no checkpoint of this run found ({tried}); pass --checkpoint PATH")
+
+
+def freeze(cfg: FreezeConfig, echo: Callable[[str], None] = print) -> str:
+    """`probe freeze`: freeze train run `cfg.run` from its checkpoint (weights_only) as a new registered version
+    in the pickle-free format, inside one MLflow run of kind ``freeze``. Re-freezes models frozen the old way,
+    and freezes runs that stopped early. Returns the version's ``models:/<name>/<version>``."""
+    from experiments import tracking
+
+    if not cfg.run:
+        raise UserError("give --run RUN_ID: the train run to freeze (list them with: probe runs --kind train)")
+    tracking.configure(cfg.tracking_uri)
+    run = tracking.get_run(cfg.run)
+    run_id, kind = run.info.run_id, run.data.tags.get("stepslab.kind", "?")
+    if kind != "train":
+        raise UserError(f"run {run_id} is a {kind} run; freeze a train run (list them with: probe runs --kind train)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path, ckpt = _run_checkpoint(run, cfg.checkpoint, Path(tmp))
+        shown = Path(cfg.checkpoint) if cfg.checkpoint else path if not str(path).startswith(tmp) else \
+            f"run {run_id}'s artifact checkpoint/last.pt"
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    info = tracking.read_json_artifact(run_id, "model_info.json")
+    if info is None:  # a run that never froze: the labels and create kwargs come from its data
+        train_ds, _ = load_data(tcfg)
+        metrics = {k[len("final/"):]: v for k, v in run.data.metrics.items() if k.startswith("final/")}
+        info = model_info(tcfg, train_ds, metrics)
+    info = {k: v for k, v in info.items() if k not in _CARD_ONLY}
+    complete = ckpt["epoch_step"] == 0 and ckpt["epoch"] >= tcfg.epochs
+    info.update(run_id=run_id, checkpoint={"file": str(shown), "step": ckpt["step"], "epoch": ckpt["epoch"],
+                                           "complete": complete})
+    model = tracking.build_model(tcfg.model, info["create_kwargs"], f"run {run_id}")
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {shown} does not fit {tcfg.model}({info['create_kwargs']}): "
+                        f"{(str(exc).splitlines() or [''])[0]}") from None
+    params = {"source_run_id": run_id, "checkpoint": str(shown), "step": ckpt["step"], "epoch": ckpt["epoch"]}
+    tags = {"stepslab.source_run_id": run_id, "stepslab.model": tcfg.model, "stepslab.dataset": tcfg.dataset}
+    with tracking.tracked_run("freeze", params, tags=tags):
+        uri = tracking.register_frozen(model.eval(), f"{tcfg.model}-{tcfg.dataset}", model_info=info)
+    note = "" if complete else f" (stopped early at epoch {ckpt['epoch']}, step {ckpt['step']})"
+    echo(f"froze run {run_id} from {shown}{note}: {uri}")
+    return uri
 
 
 # ------------------------------------------------------------------------------------------------ demo

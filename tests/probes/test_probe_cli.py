@@ -17,7 +17,11 @@ from experiments.cli import main
 LIMITS = ["--limit", "320", "--test-limit", "160"]
 
 
+MICRO_KWARGS = {"num_classes": 16, "in_chans": 1, "img_size": 28}
+
+
 def _register(model, name: str, info: dict) -> str:
+    info = {"create_kwargs": MICRO_KWARGS, "in_chans": 1, "img_size": 28, **info}
     with tracking.tracked_run("train", {"model": info["model"]}):
         return tracking.register_frozen(model, name, model_info=info)
 
@@ -36,7 +40,7 @@ def trained(tmp_path_factory):
 def baseline():
     """An untrained DeiT-micro baseline (the null needs no learning here, only the plumbing)."""
     torch.manual_seed(0)
-    model = models.create_model("deit_micro", num_classes=16, in_chans=1, img_size=28)
+    model = models.create_model("deit_micro", **MICRO_KWARGS)
     return _register(model, "deit_micro-hierarchy-test", {"model": "deit_micro", "dataset": "hierarchy"})
 
 
@@ -113,7 +117,7 @@ def test_bad_inputs_are_one_line_errors(baseline):
 
 @pytest.mark.slow
 def test_nan_features_are_a_one_line_error():
-    model = models.create_model("deit_micro", num_classes=16, in_chans=1, img_size=28)
+    model = models.create_model("deit_micro", **MICRO_KWARGS)
     with torch.no_grad():
         model.blocks[3].mlp.fc1.weight[0, 0] = float("nan")
     uri = _register(model, "deit_micro-nan-test", {"model": "deit_micro", "dataset": "hierarchy"})
