@@ -22,7 +22,7 @@ class _Group(click.Group):
 
         # click would print usage and a hint around a usage error: one line instead, as for every mistake.
         kwargs["standalone_mode"] = False
-        catch_signals()
+        restore = catch_signals()
         try:
             return super().main(*args, **kwargs)
         except click.UsageError as exc:
@@ -38,6 +38,8 @@ class _Group(click.Group):
                 sys.exit(interrupted())
             click.echo("Aborted!", err=True)
             sys.exit(1)
+        finally:
+            restore()
 
     def invoke(self, ctx):
         from experiments.errors import report

@@ -57,14 +57,20 @@ def raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def catch_signals() -> None:
-    """Route SIGINT and SIGTERM through `raise_interrupt` (main thread only; elsewhere nothing changes)."""
+def catch_signals() -> Callable[[], None]:
+    """Route SIGINT and SIGTERM through `raise_interrupt` (main thread only; elsewhere nothing changes).
+    Returns a function that puts the previous handlers back (for callers that live on, e.g. tests)."""
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        _last_signal["signum"] = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, raise_interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    _last_signal["signum"] = None
+    old = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, handler in old.items():  # None: installed from C; the default is the closest
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    return restore
 
 
 def interrupted() -> int:
@@ -77,7 +83,7 @@ def interrupted() -> int:
 def guarded(main: Callable[[], T]) -> T:
     """Run `main()`; on an exception, print it by the policy and exit with its status (130 / 143 when SIGINT /
     SIGTERM stopped it)."""
-    catch_signals()
+    restore = catch_signals()
     try:
         return main()
     except SystemExit:
@@ -86,3 +92,5 @@ def guarded(main: Callable[[], T]) -> T:
         sys.exit(interrupted())
     except Exception as exc:  # noqa: BLE001 - the policy itself
         sys.exit(report(exc))
+    finally:
+        restore()

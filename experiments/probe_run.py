@@ -44,12 +44,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from experiments import tracking
 from experiments.data import check_input, load_recorded
 from experiments.options import ProbeConfig
 from models.errors import UserError
+from models.sites import channel_dim, forward_paths
 from probes.features import POOLS, block_features, extract, feature_specs, paired_steps_model
 from probes.linear import PROBES
 from probes.measures import Labels, detail_groups, measure, metrics_of
@@ -159,7 +161,7 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
                             seed=cfg.seed)
     check_input(info, train_ds, name)
     check_enough_data(model, train_ds, levels, paths, full, name=name, limit=cfg.limit,
-                      kw=dict(pool=cfg.pool, model_name=name, random_splits=cfg.random_splits, split_seed=cfg.seed))
+                      kw=dict(model_name=name, random_splits=cfg.random_splits, split_seed=cfg.seed))
     blocks = {k: block_features(model, k, model_name=name) for k in layers}
     if cfg.path != "all":
         blocks = {k: {p: f for p, f in v.items() if p in paths} for k, v in blocks.items()}
@@ -215,10 +217,14 @@ def check_enough_data(model, train_ds, levels: list[str], paths: dict[str, str],
     check_class_counts(train_ds, levels, more)
     if not full or levels == ["detail"]:
         return
-    # The paths' widths from one image (no cache): k_eq as probes.measures computes it.
-    one = extract(model, train_ds.subset([0]), sorted(set(paths.values())), cache=False, **kw)
-    widths = {p: one[f].shape[-1] for p, f in paths.items()}
-    k_eq = min(widths.values())
+    # The paths' widths from one image: k_eq as probes.measures computes it.
+    specs = feature_specs(model, model_name=kw["model_name"], random_splits=kw["random_splits"],
+                          split_seed=kw["split_seed"])
+    sites = sorted({specs[f].site for f in paths.values()})
+    with torch.no_grad():
+        out = forward_paths(model.eval(), train_ds.normalise(train_ds.images[:1]), sites)
+    k_eq = min(specs[f].select(np.zeros((1, out[specs[f].site].shape[channel_dim(model)]))).shape[-1]
+               for f in paths.values())
     if k_eq > len(train_ds) - 1:
         raise UserError(f"too little data for a probe: the equal-width controls use k_eq={k_eq} principal "
                         f"components, but {len(train_ds)} training images span at most {len(train_ds) - 1}; "

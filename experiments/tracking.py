@@ -535,17 +535,17 @@ def _old_format_run(local: Path) -> str | None:
     return None
 
 
-def _load_card(local: Path, ref: str, run_id: str | None) -> dict:
-    card_path = local / _CARD
-    if not card_path.is_file():
+def _load_card(local: Path, ref: str, run_id: str | None, where: str) -> dict:
+    card_path = f"{where}/{_CARD}"
+    if not (local / _CARD).is_file():
         if (local / "MLmodel").is_file():
             run_id = _old_format_run(local) or run_id
             raise TrackingError(f"{ref} was frozen in the old pickle format, which StepsLab no longer loads (loading "
                                 f"a pickle can run code); re-freeze it from its run's checkpoint: "
                                 f"{_refreeze(run_id)}")
-        raise TrackingError(f"{ref}: no {_CARD} in {local}; not a StepsLab frozen model")
+        raise TrackingError(f"{ref}: no {_CARD} in {where}; not a StepsLab frozen model")
     try:
-        card = json.loads(card_path.read_text())
+        card = json.loads((local / _CARD).read_text())
         assert isinstance(card, dict)
     except (ValueError, AssertionError, UnicodeDecodeError):
         raise TrackingError(f"{card_path} is not a JSON object (corrupt or truncated); re-freeze the model: "
@@ -556,34 +556,38 @@ def _load_card(local: Path, ref: str, run_id: str | None) -> dict:
     return card
 
 
-def _load_local(local: Path, ref: str, run_id: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the frozen model in folder `local` (card.json + model.safetensors); see `load_frozen`."""
+def _load_local(local: Path, ref: str, run_id: str | None = None, where: str | None = None
+                ) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the frozen model in folder `local` (card.json + model.safetensors); see `load_frozen`. Messages
+    name the files as `where`/<file> (the store's own folder, or a runs:/ URI for a downloaded copy)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    card = _load_card(local, ref, run_id)
+    where = where or str(local)
+    card = _load_card(local, ref, run_id, where)
     fix = _refreeze(card.get("run_id") or run_id)
     spec = card.get("weights") or {}
+    card_path, shown = f"{where}/{_CARD}", f"{where}/{_WEIGHTS}"
     if spec.get("file") != _WEIGHTS or not isinstance(spec.get("sha256"), str):
-        raise TrackingError(f"{local / _CARD}: its weights entry must name {_WEIGHTS} and its sha256; re-freeze "
+        raise TrackingError(f"{card_path}: its weights entry must name {_WEIGHTS} and its sha256; re-freeze "
                             f"the model: {fix}")
     weights = local / _WEIGHTS
     if not weights.is_file():
-        raise TrackingError(f"{weights} is missing; re-freeze the model: {fix}")
+        raise TrackingError(f"{shown} is missing; re-freeze the model: {fix}")
     digest = _sha256(weights)
     if digest != spec["sha256"]:
-        raise TrackingError(f"{weights}: sha256 {digest[:12]}... differs from its card's {spec['sha256'][:12]}... "
+        raise TrackingError(f"{shown}: sha256 {digest[:12]}... differs from its card's {spec['sha256'][:12]}... "
                             f"(the file is corrupt, truncated or was replaced); re-freeze the model: {fix}")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise TrackingError(f"{weights} is not a readable safetensors file ({_short(exc)}); re-freeze the model: "
+        raise TrackingError(f"{shown} is not a readable safetensors file ({_short(exc)}); re-freeze the model: "
                             f"{fix}") from None
     name, kwargs = card.get("model"), card.get("create_kwargs")
     if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise TrackingError(f"{local / _CARD}: needs 'model' and 'create_kwargs'; re-freeze the model: {fix}")
-    model = build_model(name, kwargs, str(local / _CARD))
-    _check_state(model, name, state, f"{weights}")
+        raise TrackingError(f"{card_path}: needs 'model' and 'create_kwargs'; re-freeze the model: {fix}")
+    model = build_model(name, kwargs, card_path)
+    _check_state(model, name, state, shown)
     model.load_state_dict(state, strict=True)
     model.eval()
     for p in model.parameters():
@@ -626,7 +630,7 @@ def load_frozen(ref: str) -> tuple[torch.nn.Module, dict]:
                                                               dst_path=tmp)
                     if Path(got).parent != Path(tmp):
                         os.replace(got, Path(tmp) / n)
-            model, card = _load_local(Path(tmp), ref, run_id)
+            model, card = _load_local(Path(tmp), ref, run_id, where=uri)
     else:
         uri = ref if ref.startswith("models:/") else f"models:/{ref}@frozen"
         try:

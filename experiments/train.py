@@ -161,9 +161,15 @@ def check_model_options(name: str, options: dict) -> None:
         msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         unknown = re.search(r"unexpected keyword argument '(\w+)'", msg)
         if unknown:
-            cls = type(models.create_model(name))
-            allowed = [p for p, v in inspect.signature(cls.__init__).parameters.items()
-                       if p != "self" and v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
+            allowed: list[str] = []
+            for cls in type(models.create_model(name)).__mro__:  # **kwargs go on to the base class's __init__
+                if "__init__" not in vars(cls) or cls is nn.Module:
+                    continue
+                params = inspect.signature(cls.__init__).parameters.values()
+                allowed += [p.name for p in params if p.name != "self" and p.name not in allowed
+                            and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+                if not any(p.kind == p.VAR_KEYWORD for p in params):
+                    break
             raise UserError(f"--model-option {unknown.group(1)}: {name} has no such option; allowed: "
                             f"{', '.join(allowed)}") from None
         shown = " ".join(f"{k}={v}" for k, v in options.items())
