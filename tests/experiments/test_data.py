@@ -372,3 +372,77 @@ def test_batches_order_determinism(hier):
     x, fine, coarse = next(batches(hier, 8, shuffle=False))
     assert x.dtype == torch.float32 and x.shape == (8, 1, 28, 28)
     assert torch.allclose(x[3], hier[3][0]) and fine[3] == hier[3][1] and coarse[3] == hier[3][2]
+
+
+# Trust: greyscale folders, moved data, the frozen model's input, corrupt stored data, an offline hub -----------
+
+def _folder(root: Path, mode: str, size=(30, 30)) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for k, c in enumerate(("a", "b")):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.new(mode, size, 40 * k + 10 * i if mode == "L" else (40 * k, 10 * i, 99)).save(d / f"{i}.png")
+    return root
+
+
+def test_imagefolder_greyscale_option(tmp_path):
+    root = _folder(tmp_path, "L")
+    grey = load_dataset("imagefolder", "train", data_dir=str(root), img_size=12, channels=1)
+    rgb = load_dataset("imagefolder", "train", data_dir=str(root), img_size=12)
+    assert grey.images.shape == (6, 1, 12, 12) and rgb.images.shape == (6, 3, 12, 12)
+    assert len(grey.mean) == 1 and grey.mean[0] == pytest.approx(np.mean(rgb.mean))
+    assert torch.equal(grey.images[:, 0], rgb.images[:, 0])  # a grey file: every colour the same
+    with pytest.raises(DataError) as err:
+        load_dataset("imagefolder", "train", data_dir=str(root), channels=2)
+    assert "channels must be 1 (greyscale) or 3 (RGB), got 2" in one_line(err)
+
+
+def test_load_recorded_takes_a_moved_data_dir_and_checks_the_input(tmp_path):
+    moved = _folder(tmp_path / "moved", "RGB")
+    info = {"dataset": "imagefolder", "data_options": {"img_size": 28}, "data_dir": str(tmp_path / "gone"),
+            "input_size": [3, 28, 28]}
+    with pytest.raises(DataError) as err:
+        load_recorded(info, "train")
+    assert "--data-dir" in one_line(err) and "gone" in str(err.value)
+    ds = load_recorded(info, "train", data_dir=str(moved))
+    assert ds.images.shape == (6, 3, 28, 28)
+    data.check_input(info, ds, "steps_deit_micro")  # the model as trained: 3 channels
+    with pytest.raises(DataError) as err:
+        data.check_input({**info, "input_size": [1, 28, 28]}, ds, "steps_deit_micro")
+    assert "has 3x28x28 images; this frozen steps_deit_micro takes 1x28x28" in one_line(err)
+    data.check_input({"in_chans": 3, "img_size": 28}, ds, "m")  # older cards: in_chans and img_size
+
+
+def test_truncated_saved_dataset_names_the_folder(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": _cifar100_dataset(8)}).save_to_disk(tmp_path / "c")
+    (arrow,) = (tmp_path / "c" / "train").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:200])
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar100", "train", data_dir=str(tmp_path / "c"))
+    assert str(tmp_path / "c") in one_line(err)
+
+
+def test_unreachable_hub_fails_at_once(monkeypatch):
+    import socket
+    import time
+
+    import datasets
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    for k in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub was tried anyway"))
+    t = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", "test")
+    assert time.perf_counter() - t < 5
+    msg = one_line(err)
+    assert "hub is unreachable (127.0.0.1:" in msg and "--data-dir" in msg and "HF_HUB_OFFLINE=1" in msg

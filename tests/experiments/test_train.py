@@ -221,6 +221,12 @@ def test_interrupt_marks_killed_keeps_last_epoch_and_resumes(straight, tmp_path,
     resumed = train(tiny(tmp_path, resume=True))
     assert resumed.run_id == seen["run_id"] and same_weights(resumed.model, straight.model)
     assert run_of(resumed.run_id).info.status == "FINISHED"
+    # Step 8 was logged before the interrupt and trained again after the resume: logged once.
+    client = MlflowClient()
+    for key in ("train/loss", "train/lr", "epoch/test_fine_acc", "resumed_at_step"):
+        steps = [m.step for m in client.get_metric_history(resumed.run_id, key)]
+        assert steps == sorted(set(steps)), (key, steps)
+    assert sorted(m.step for m in client.get_metric_history(resumed.run_id, "train/loss")) == [4, 6, 8, 12]
 
 
 @pytest.mark.slow
@@ -254,6 +260,9 @@ def _free_port() -> int:
     (["--epochs", "0"], "epochs must be >= 1, got 0"),
     (["--device", "tpu"], "'tpu'"),
     (["--data-option", "n"], "'n'"),
+    (["--model-option", "bogus=1"], "--model-option bogus: steps_deit_micro has no such option"),
+    (["--model-option", "head_dim=7"], "--model-option head_dim=7: steps_deit_micro cannot be built"),
+    (["--tracking-uri", "foo://bar"], "unknown scheme 'foo://'"),
     (["--resume", "--checkpoint-dir", "{tmp}/none"], "{tmp}/none/steps_deit_micro-fashion_mnist-seed0/last.pt"),
     (["--tracking-uri", "http://127.0.0.1:9"], "http://127.0.0.1:9"),
 ])
