@@ -154,11 +154,15 @@ class UIServer:
         """Experiment id and newest runs straight from the store (for a team server: over REST, fail-soft)."""
         from mlflow import MlflowClient
 
+        from experiments.runs import mark_dead_runs
+
         client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         remote = _is_remote(self.uri)
         env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"} if remote else {}
         try:
             with _temp_env(**env):
+                # As every command that opens the store: runs of this host whose process died end FAILED.
+                mark_dead_runs(client, echo=lambda msg: print(msg, file=sys.stderr))
                 exp = client.get_experiment_by_name(self.experiment)
                 if exp is None or exp.lifecycle_stage == "deleted":
                     return

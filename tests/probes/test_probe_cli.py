@@ -121,5 +121,5 @@ def test_nan_features_are_a_one_line_error():
     with torch.no_grad():
         model.blocks[3].mlp.fc1.weight[0, 0] = float("nan")
     uri = _register(model, "deit_micro-nan-test", {"model": "deit_micro", "dataset": "hierarchy"})
-    res = _invoke("--run", uri, "--path", "full", "--limit", "32", "--test-limit", "16")
+    res = _invoke("--run", uri, "--path", "full", "--limit", "160", "--test-limit", "16")
     _one_line_error(res, "site 'final'", "NaN/inf")
