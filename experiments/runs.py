@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from models.errors import UserError
+
 __all__ = ["HEARTBEAT_S", "STALE_AFTER_S", "process_tags", "Heartbeat", "mark_dead_runs", "RunRow", "list_runs",
            "format_runs", "age"]
 
@@ -199,6 +201,10 @@ def list_runs(client, *, kind: str | None = None, model: str | None = None, data
     """StepsLab runs, newest first, filtered by kind / model / dataset tags and status (``stale``: only RUNNING
     runs whose heartbeat is older than `STALE_AFTER_S`)."""
     clauses = [f"tags.`{KIND_TAG}` = '{kind}'" if kind else f"tags.`{KIND_TAG}` != ''"]
+    for tag, value in (("stepslab.model", model), ("stepslab.dataset", dataset), (KIND_TAG, kind),
+                       ("status", status)):
+        if value and ("'" in value or "`" in value):  # would break MLflow's filter string
+            raise UserError(f"--{tag.split('.')[-1]} {value!r}: quotes are not allowed")
     for tag, value in (("stepslab.model", model), ("stepslab.dataset", dataset)):
         if value:
             clauses.append(f"tags.`{tag}` = '{value}'")

@@ -17,6 +17,12 @@ never stopped. `batch_size` is per process: under torchrun the global batch is b
 rank taking a disjoint strided shard of the epoch's order. A DDP resume restores rank 0's RNG state on every
 rank, so it is exact only at an epoch boundary.
 
+Checkpoints are never silently replaced: a new run whose checkpoint path holds another run's resumable
+checkpoint stops with one line (`--resume` continues that run, `--fresh` starts over), and any file a new run
+would overwrite is kept beside it as ``last-<run id>.pt``. A resumed run logs each metric step once (the steps
+between the checkpoint and the stop were logged before). `freeze` (`probe freeze --run ID`) freezes a train run
+from its checkpoint, read with ``weights_only=True``.
+
 MLflow (kind "train", rank 0 only) is imported inside `train()`, so `fit()` runs where only torch, timm, numpy
 and tqdm are installed (experiments/gpu_check.py).
 """

@@ -299,3 +299,4 @@ def test_runs_lists_with_filters_and_one_line_errors():
     assert "no runs match" in _cli("runs", "--model", "nosuchmodel").stdout
     _one_line(_cli("runs", "--kind", "sideways"), "'sideways'", "'train'")
     _one_line(_cli("runs", "--limit", "0"), "--limit")
+    _one_line(_cli("runs", "--model", "x' OR '1"), "quotes are not allowed")
