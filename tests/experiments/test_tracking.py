@@ -23,6 +23,19 @@ from experiments import runs, tracking
 from experiments.tracking import TrackingError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_uri_left_in_the_environment():
+    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI; the `home` fixture's teardown (which restores
+    MLflow's default, ``sqlite:///<cwd>/mlflow.db``) would otherwise send the next modules' runs into the cwd.
+    Set up before `home`, so torn down after it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def _run(run_id: str):
     return MlflowClient().get_run(run_id)
 
