@@ -1,4 +1,6 @@
 """An MLflow store per test module for the tracking and UI tests (creating a SQLite store takes seconds)."""
+import os
+
 import mlflow
 import pytest
 
@@ -9,7 +11,7 @@ from experiments import tracking
 def home(tmp_path_factory):
     """One fresh default store (SQLite under <tmp>/mlruns) for the module; the URIs are restored afterwards."""
     root = tmp_path_factory.mktemp("stepslab_home")
-    old_uri = mlflow.get_tracking_uri()
+    old_uri, old_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STEPSLAB_HOME", str(root))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -18,6 +20,8 @@ def home(tmp_path_factory):
         yield root, dict(tracking._state)
     mlflow.set_tracking_uri(old_uri)
     mlflow.set_registry_uri(old_uri)
+    if old_env is None:  # set_tracking_uri also sets the variable: left set, later modules would log to ./mlflow.db
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture

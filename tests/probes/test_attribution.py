@@ -177,8 +177,11 @@ def test_cli_bad_names_are_one_line_errors(flag, value):
 def test_cli_end_to_end_records_a_run():
     torch.manual_seed(0)
     with tracking.tracked_run("train", {}) as train_run:
-        tracking.register_frozen(TinySteps(), "tiny_steps-hierarchy",
-                                 model_info={"model": "tiny_steps", "dataset": "hierarchy"})
+        # A frozen model is a StepsLab model name + create kwargs (rebuilt by timm), so not the hand-made TinySteps.
+        kwargs = {"num_classes": 16, "in_chans": 1, "img_size": 28}
+        tracking.register_frozen(models.create_model("steps_deit_micro", **kwargs), "steps_deit_micro-attr-test",
+                                 model_info={"model": "steps_deit_micro", "create_kwargs": kwargs,
+                                             "dataset": "hierarchy", "in_chans": 1, "img_size": 28})
     src = train_run.info.run_id
     args = ["attribute", "--run", src, "--limit", "8", "--probe-limit", "48", "--steps", "8", "--draws", "1",
             "--ablation", "zero", "--ablation", "resample", "--batch-size", "8"]
