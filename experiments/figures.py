@@ -26,7 +26,7 @@ make one is printed.
                          every paper_models() name (minutes on CPU)
     throughput           bench                                     ratio.<name>: throughput ratios (latest value)
 
-Bench contract (experiments/bench.py is being written): one run of kind ``bench`` whose metrics named
+Bench contract (experiments/bench, metric names in experiments/bench/report.py): one run of kind ``bench`` whose metrics named
 ``ratio.<name>`` are throughput ratios (e.g. Steps images/s over its baseline's); every ``ratio.*`` metric of the
 newest finished bench run is drawn as one bar, sorted by name, against the line 1.
 
@@ -396,7 +396,7 @@ def paper_table_figure(runs: list[Run]) -> Figure:
     return fig
 
 
-@_figure("throughput", Source("bench", (), r"^ratio\.", "make bench  (python experiments/bench.py)"))
+@_figure("throughput", Source("bench", (), r"^ratio\.", "make bench  (python -m experiments.bench)"))
 def throughput_figure(runs: list[Run]) -> Figure | None:
     """Every ratio.<name> metric of the bench run as one bar (sorted by name) against the line 1."""
     run = runs[0]
