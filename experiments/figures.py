@@ -27,8 +27,8 @@ make one is printed.
     throughput           bench                                     ratio.<name>: throughput ratios (latest value)
 
 Bench contract (experiments/bench, metric names in experiments/bench/report.py): one run of kind ``bench``
-whose metrics named ``ratio.<name>`` are throughput ratios (e.g. Steps images/s over its baseline's); every ``ratio.*`` metric of the
-newest finished bench run is drawn as one bar, sorted by name, against the line 1.
+whose metrics named ``ratio.<name>`` are throughput ratios (e.g. Steps images/s over its baseline's); every
+``ratio.*`` metric of the newest finished bench run is drawn as one bar, sorted by name, against the line 1.
 
 Reproducible bytes: figures are built on the Agg canvas under the matplotlib "default" style plus `RC`, saved
 at `DPI` with the PNG "Software" and the PDF Creator/Producer/CreationDate entries removed; inputs are sorted
