@@ -10,6 +10,15 @@ abstract answer (coarse) or the detail (fine within coarse).
     imagefolder     `data_dir/<split>/<class>/*.jpg`, resized to a square; coarse groups from `data_dir/coarse.json`.
     hierarchy       generated, with a known answer: coarse = silhouette shape (a global factor), fine = shape x
                     texture (a local factor, invisible once the image is blurred).
+    imagenet        `data_dir/train/<wnid>/*` and `data_dir/val/<wnid>/*` (the "test" split), or the Hugging Face
+                    `imagenet-1k` layout (save_to_disk, or `data/train-*.parquet` / `validation-*.parquet`);
+                    class ids and order from timm's imagenet_synsets.txt, coarse groups from WordNet 3.0
+                    (experiments.wordnet; data option `coarse`: depthN or entity13), 224 px.
+
+`open_dataset` is what training reads: image folders, imagenet and saved Hugging Face datasets stream
+(`experiments.streaming.StreamingImages`, decoded in DataLoader workers, memory flat in the number of images);
+Fashion-MNIST, CIFAR and hierarchy stay in memory, which is faster at 28-32 px and gives the same numbers as
+before. `load_dataset` always returns everything in memory (probes and attribution read it).
 
 `load_dataset` returns a `LabeledImages` (`probes.runtime`, with `batches`, which iterates it fast from the
 in-memory tensors); `augment_batch` does random translation and flip on a whole batch. Nothing here writes files.
@@ -27,11 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments.options import DATASETS
+from experiments.options import DATA_MODES, DATASETS
 from probes.runtime import DataError, LabeledImages, batches  # the container and its batching, shared with probes/
 
 __all__ = [
-    "DATASETS", "SPLITS", "DataError", "LabeledImages", "load_dataset", "load_recorded", "check_input",
+    "DATASETS", "SPLITS", "DataError", "LabeledImages", "load_dataset", "open_dataset", "materialize", "load_recorded", "check_input",
     "augment_batch", "batches", "FASHION_MNIST_DIR", "make_hierarchy",
 ]
 
@@ -84,11 +93,13 @@ _STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 _OPTIONS = {  # keyword options each dataset accepts; anything else is a typo worth reporting
     "fashion_mnist": (), "cifar10": (), "cifar100": (), "imagefolder": ("img_size", "channels"),
-    "hierarchy": ("n", "img_size", "channels", "period"),
+    "hierarchy": ("n", "img_size", "channels", "period"), "imagenet": ("img_size", "coarse"),
 }
+STREAMED = ("imagefolder", "imagenet")  # streamed by default (mode "auto"); the rest stays in memory
 
 
 def _choices(values: Sequence[str]) -> str:
@@ -113,6 +124,49 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
 
     Raises DataError for an unknown name, split or option, or data that is missing or does not parse.
     """
+    _check_args(name, split, limit, seed, options)
+    if name == "fashion_mnist":
+        return _load_fashion_mnist(split, data_dir, limit, seed)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, split, data_dir, limit, seed)
+    if name == "imagefolder":
+        return _load_imagefolder(split, data_dir, limit, seed, **options)
+    if name == "imagenet":
+        return materialize(open_dataset(name, split, data_dir=data_dir, limit=limit, seed=seed, **options))
+    return _load_hierarchy(split, limit, seed, **options)
+
+
+def open_dataset(name: str, split: str = "train", *, data_dir: str | None = None, limit: int | None = None,
+                 seed: int = 0, mode: str = "auto", **options: Any):
+    """One split for training: a `StreamingImages` (decoded on the fly) or a `LabeledImages` (in memory).
+
+    `mode` "auto" streams `STREAMED` datasets and keeps the others in memory (so Fashion-MNIST and hierarchy
+    train exactly as they always did); "stream" also streams CIFAR and saved Hugging Face datasets; "memory"
+    loads everything into memory (not imagenet). Same arguments and errors as `load_dataset`.
+    """
+    if mode not in DATA_MODES:
+        raise DataError(f"unknown data mode {mode!r}; choose one of: {_choices(DATA_MODES)}")
+    stream = mode == "stream" or (mode == "auto" and name in STREAMED)
+    if not stream:
+        if name == "imagenet":
+            raise DataError("imagenet is only streamed; use --data-mode auto or stream")
+        return load_dataset(name, split, data_dir=data_dir, limit=limit, seed=seed, **options)
+    if name in ("fashion_mnist", "hierarchy") and not (name == "fashion_mnist" and data_dir):
+        raise DataError(f"{name} is held in memory only (28 px: faster that way); use --data-mode auto or memory")
+    _check_args(name, split, limit, seed, options)
+    from experiments import streaming
+
+    if name == "imagefolder":
+        ds = _stream_imagefolder(split, data_dir, **options)
+    elif name == "imagenet":
+        ds = _stream_imagenet(split, data_dir, **options)
+    else:
+        ds = _stream_hf(name, split, data_dir)
+    idx = _stratified(ds.fine, limit, seed)
+    return ds if idx is None else ds.subset(idx)
+
+
+def _check_args(name: str, split: str, limit: int | None, seed: int, options: dict) -> None:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {_choices(DATASETS)}")
     if split not in SPLITS:
@@ -125,13 +179,17 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
     if not isinstance(seed, int) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}")
-    if name == "fashion_mnist":
-        return _load_fashion_mnist(split, data_dir, limit, seed)
-    if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, split, data_dir, limit, seed)
-    if name == "imagefolder":
-        return _load_imagefolder(split, data_dir, limit, seed, **options)
-    return _load_hierarchy(split, limit, seed, **options)
+
+
+def materialize(ds) -> LabeledImages:
+    """A streamed dataset decoded into memory (uint8, resized and centre-cropped as `imagefolder` does)."""
+    images = np.empty((len(ds), ds.in_chans, ds.img_size, ds.img_size), np.uint8)
+    for i in range(len(ds)):
+        im = _resize_crop(ds.read(i), ds.img_size).convert("L" if ds.in_chans == 1 else "RGB")
+        arr = np.asarray(im, dtype=np.uint8)
+        images[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return _make(images, ds.fine, None, ds.name, ds.split, ds.fine_names, ds.coarse_names, ds.fine_to_coarse,
+                 (ds.mean, ds.std))
 
 
 def load_recorded(info: Mapping[str, Any], split: str, *, dataset: str | None = None, data_dir: str | None = None,
@@ -431,6 +489,29 @@ def _load_imagefolder(split: str, data_dir: str | None, limit: int | None, seed:
         raise DataError(f"img_size must be a positive integer, got {img_size!r}")
     if channels not in (1, 3):
         raise DataError(f"imagefolder option channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
+    folder, classes, coarse_names, fine_to_coarse = _folder_classes(data_dir, split)
+    files, fine = [], []
+    for k, c in enumerate(classes):
+        found = sorted(p for p in (folder / c).glob("*") if p.suffix.lower() in _IMG_EXT) if (folder / c).is_dir() else []
+        files += found
+        fine += [k] * len(found)
+    if not files:
+        raise DataError(f"imagefolder: no images ({', '.join(sorted(_IMG_EXT))}) under {str(folder)!r}")
+    fine = np.asarray(fine, np.int64)
+    idx = _stratified(fine, limit, seed)
+    keep = np.arange(len(fine)) if idx is None else idx
+    images = np.stack([_decode(str(files[i]), channels, f"imagefolder: {files[i]}", img_size)
+                       for i in keep.tolist()])
+    mean, std = _STATS["imagefolder"]
+    if channels == 1:  # ImageNet's statistics averaged over the colours (as the luma of a grey image)
+        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+    return _make(images, fine[keep], None, "imagefolder", split, classes, coarse_names, fine_to_coarse,
+                 (mean, std))
+
+
+def _folder_classes(data_dir: str, split: str) -> tuple[Path, list[str], list[str], list[int]]:
+    """`data_dir/<split>`, its classes (sorted folder names of the train split) and coarse groups from
+    `data_dir/coarse.json` (each class its own group without it)."""
     root, folder = Path(data_dir), Path(data_dir) / split
     if not folder.is_dir():
         raise DataError(f"imagefolder: {str(folder)!r} does not exist")
@@ -441,13 +522,6 @@ def _load_imagefolder(split: str, data_dir: str | None, limit: int | None, seed:
         raise DataError(f"imagefolder: {str(ref)!r} has no class folders")
     if extra:
         raise DataError(f"imagefolder: class {extra[0]!r} in {str(folder)!r} is not in {str(ref)!r}")
-    files, fine = [], []
-    for k, c in enumerate(classes):
-        found = sorted(p for p in (folder / c).glob("*") if p.suffix.lower() in _IMG_EXT) if (folder / c).is_dir() else []
-        files += found
-        fine += [k] * len(found)
-    if not files:
-        raise DataError(f"imagefolder: no images ({', '.join(sorted(_IMG_EXT))}) under {str(folder)!r}")
     groups_path = root / "coarse.json"
     if groups_path.is_file():
         try:
@@ -462,16 +536,92 @@ def _load_imagefolder(split: str, data_dir: str | None, limit: int | None, seed:
         fine_to_coarse = [coarse_names.index(str(groups[c])) for c in classes]
     else:
         coarse_names, fine_to_coarse = list(classes), list(range(len(classes)))
-    fine = np.asarray(fine, np.int64)
-    idx = _stratified(fine, limit, seed)
-    keep = np.arange(len(fine)) if idx is None else idx
-    images = np.stack([_decode(str(files[i]), channels, f"imagefolder: {files[i]}", img_size)
-                       for i in keep.tolist()])
+    return folder, classes, coarse_names, fine_to_coarse
+
+
+def _check_size(img_size: Any, channels: Any = 3) -> None:
+    if not isinstance(img_size, int) or img_size < 1:
+        raise DataError(f"img_size must be a positive integer, got {img_size!r}")
+    if channels not in (1, 3):
+        raise DataError(f"imagefolder option channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
+
+
+def _stream_imagefolder(split: str, data_dir: str | None, img_size: int = 64, channels: int = 3):
+    """`imagefolder` streamed: the same classes, coarse groups and normalisation as `_load_imagefolder`."""
+    from experiments.streaming import StreamingImages, folder_source
+
+    if data_dir is None:
+        raise DataError("imagefolder needs data_dir (a folder with train/<class>/ and test/<class>/)")
+    _check_size(img_size, channels)
+    folder, classes, coarse_names, fine_to_coarse = _folder_classes(data_dir, split)
+    read, keys, fine = folder_source(str(folder), classes)
+    if not keys:
+        raise DataError(f"imagefolder: no images ({', '.join(sorted(_IMG_EXT))}) under {str(folder)!r}")
     mean, std = _STATS["imagefolder"]
-    if channels == 1:  # ImageNet's statistics averaged over the colours (as the luma of a grey image)
+    if channels == 1:
         mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
-    return _make(images, fine[keep], None, "imagefolder", split, classes, coarse_names, fine_to_coarse,
-                 (mean, std))
+    return StreamingImages(read, keys, fine, name="imagefolder", split=split, fine_names=classes,
+                           coarse_names=coarse_names, fine_to_coarse=fine_to_coarse, img_size=img_size,
+                           in_chans=channels, mean=mean, std=std)
+
+
+def _stream_imagenet(split: str, data_dir: str | None, img_size: int = 224, coarse: str = "depth5"):
+    """ImageNet-1k streamed from `train/` + `val/` WordNet-id folders or the Hugging Face imagenet-1k layout;
+    labels in timm's imagenet_synsets.txt order, coarse groups from WordNet (`coarse`, experiments.wordnet)."""
+    from experiments import wordnet
+    from experiments.streaming import StreamingImages, folder_source, hf_source
+
+    if data_dir is None:
+        raise DataError("imagenet needs --data-dir: a folder with train/ and val/ of WordNet-id folders (n01440764/"
+                        " ...), or the Hugging Face imagenet-1k files")
+    _check_size(img_size)
+    wordnet.check_grouping(coarse)
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data_dir {str(root)!r} does not exist")
+    synsets = wordnet.imagenet_synsets()
+    folder = root / ("train" if split == "train" else "val")
+    if (root / "train").is_dir() and any(p.is_dir() for p in (root / "train").iterdir()) and folder.is_dir():
+        present = {p.name for p in folder.iterdir() if p.is_dir()}
+        unknown = sorted(present - set(synsets))
+        if unknown:
+            raise DataError(f"imagenet: folder {unknown[0]!r} in {str(folder)!r} is not an ImageNet-1k class id; "
+                            "allowed: the 1,000 WordNet ids of timm's imagenet_synsets.txt (n01440764 ...)")
+        # Classes present in train/, in the standard label order (the full 1,000 on real ImageNet).
+        train_classes = {p.name for p in (root / "train").iterdir() if p.is_dir()}
+        classes = [c for c in synsets if c in train_classes]
+        read, keys, fine = folder_source(str(folder), classes)
+        where = str(folder)
+    else:
+        hf_split = "train" if split == "train" else "validation"
+        classes = synsets
+        read, keys, fine = hf_source(_hf_from_disk(root, hf_split, "imagenet"), "image", "label",
+                                     f"imagenet/{hf_split}")
+        where = f"{root} ({hf_split})"
+    if not keys:
+        raise DataError(f"imagenet: no images under {where}")
+    groups = wordnet.grouping(classes, coarse)
+    mean, std = _STATS["imagenet"]
+    return StreamingImages(read, keys, fine, name="imagenet", split=split, fine_names=classes,
+                           coarse_names=groups["coarse_names"], fine_to_coarse=groups["fine_to_coarse"],
+                           img_size=img_size, in_chans=3, mean=mean, std=std, info={"hierarchy": groups})
+
+
+def _stream_hf(name: str, split: str, data_dir: str | None):
+    """CIFAR or Fashion-MNIST from a saved Hugging Face dataset, read row by row (`--data-mode stream`)."""
+    from experiments.streaming import StreamingImages, hf_source
+
+    if data_dir is None:
+        raise DataError(f"streaming {name} needs --data-dir with a save_to_disk copy")
+    meta = {"cifar10": ("img", "label", CIFAR10_FINE, CIFAR10_COARSE, CIFAR10_FINE_TO_COARSE, 3, 32),
+            "cifar100": ("img", "fine_label", CIFAR100_FINE, CIFAR100_COARSE, CIFAR100_FINE_TO_COARSE, 3, 32),
+            "fashion_mnist": ("image", "label", FASHION_FINE, FASHION_COARSE, FASHION_FINE_TO_COARSE, 1, 28)}
+    img_col, label_col, fine_names, coarse_names, f2c, chans, size = meta[name]
+    read, keys, fine = hf_source(_hf_from_disk(Path(data_dir), split, name), img_col, label_col, f"{name}/{split}")
+    mean, std = _STATS[name]
+    return StreamingImages(read, keys, fine, name=name, split=split, fine_names=fine_names,
+                           coarse_names=coarse_names, fine_to_coarse=f2c, img_size=size, in_chans=chans, mean=mean,
+                           std=std)
 
 
 # Hierarchy (generated, known answer) --------------------------------------------------------------------------

@@ -17,11 +17,16 @@ if TYPE_CHECKING:
     import click
 
 __all__ = ["opt", "click_options", "options_of", "from_cli", "key_values", "TrainConfig", "DemoConfig", "ProbeConfig",
-           "AttributeConfig", "FreezeConfig", "RunsConfig", "DATASETS", "PROBE_PATHS", "PROBE_LEVELS", "RUN_KINDS",
+           "AttributeConfig", "FreezeConfig", "RunsConfig", "DATASETS", "DATA_MODES", "RECIPES",
+           "PROBE_PATHS", "PROBE_LEVELS", "RUN_KINDS",
            "RUN_STATUSES", "FORBIDDEN_MODEL_KWARGS"]
 
 # Dataset names (experiments.data.DATASETS is this tuple; data.py imports it from here).
-DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "hierarchy")
+DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "hierarchy", "imagenet")
+# How a dataset is held: auto streams image folders, imagenet and saved Hugging Face image folders and keeps
+# 28-32 px datasets in memory (faster there); memory / stream force one.
+DATA_MODES: tuple[str, ...] = ("auto", "memory", "stream")
+RECIPES: tuple[str, ...] = ("plain", "deit")
 PROBE_PATHS: tuple[str, ...] = ("slow", "fast", "full", "matched", "all")
 PROBE_LEVELS: tuple[str, ...] = ("coarse", "fine", "both", "detail", "all")
 # create_model kwargs that would make timm load weights from elsewhere (a file, the hub): refused as
@@ -162,7 +167,15 @@ class TrainConfig:
     seed: int = opt(0, "Fixes init, data order, augmentation, subsets.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     compile: bool = opt(False, "torch.compile the model.")
-    augment: bool = opt(True, "Random translation / flip.")
+    augment: bool = opt(True, "Random translation / flip (streamed data: random resized crop / flip).")
+    recipe: str = opt("plain", "plain: the loop as always; deit: DeiT's recipe from timm (RandAugment and random "
+                      "erasing on streamed images, Mixup/CutMix, repeated augmentation on streamed data, model EMA).",
+                      choices=RECIPES)
+    data_mode: str = opt("auto", "auto: stream image folders and imagenet, keep 28-32 px data in memory; stream; "
+                         "memory.", choices=DATA_MODES)
+    workers: int = opt(4, "DataLoader worker processes decoding streamed images (per process).")
+    grad_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    ema_decay: float = opt(0.99996, "Model EMA decay (recipe deit).")
     checkpoint_dir: str = opt("checkpoints", "Checkpoints go to <dir>/<model>-<dataset>-seed<seed>/last.pt.")
     resume: bool = opt(False, "Continue from the checkpoint, in the same MLflow run.")
     fresh: bool = opt(False, "Start over where another run left a resumable checkpoint (its file is kept beside "

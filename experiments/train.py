@@ -53,7 +53,8 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
-from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, load_dataset  # noqa: E402
+from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, open_dataset  # noqa: E402
+from experiments.streaming import StreamingImages  # noqa: E402
 from models.errors import UserError  # noqa: E402
 from experiments.options import FORBIDDEN_MODEL_KWARGS, DemoConfig, FreezeConfig, TrainConfig  # noqa: E402
 from probes.runtime import autocast, resolve_device  # noqa: E402
@@ -70,7 +71,13 @@ NO_FLIP_DATASETS = ("hierarchy",)  # diagonal stripes are a class; a flip would 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token")
 # Resuming with a different value of these would change the data, the model or the step count per epoch.
 RESUME_FIXED = ("model", "dataset", "limit", "seed", "batch_size", "augment", "data_options",
-                "model_kwargs")
+                "model_kwargs", "recipe", "data_mode")
+# DeiT's recipe (Touvron et al. 2021, as timm's train.py runs it): RandAugment m9 with std 0.5, bicubic,
+# random erasing 0.25 (pixel mode), Mixup 0.8 / CutMix 1.0, three repeats per image, model EMA.
+# mmax9: timm's increasing posterize keeps 4 - int(0.4 m) bits, 0 at m = 10, which Pillow >= 12 refuses;
+# magnitudes clipped at 9 keep >= 1 bit (the draws are N(9, 0.5), so few ever passed 9 anyway).
+DEIT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
+DEIT_RE_PROB, DEIT_MIXUP, DEIT_CUTMIX, DEIT_REPEATS = 0.25, 0.8, 1.0, 3
 ACTIONS = ("resume", "fresh")  # what a command does, not what the run is: never logged, never compared
 _STREAM_ORDER, _STREAM_AUGMENT, _STREAM_GLOBAL = 1, 2, 3
 
@@ -104,6 +111,7 @@ class TrainState:
     history: dict = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
     train_time_s: float = 0.0      # seconds spent in training steps (no evaluation, no checkpoints)
     images: int = 0                # images trained on by this process
+    ema: nn.Module | None = None   # timm ModelEmaV3 of `model` (recipe deit)
 
 
 HISTORY_KEYS = ("epoch", "step", "train_loss", "test_loss", "fine_acc", "coarse_acc")
@@ -136,10 +144,13 @@ def validate(cfg: TrainConfig) -> None:
               ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
               ("clip_grad", cfg.clip_grad >= 0, ">= 0"), ("drop_path", 0 <= cfg.drop_path < 1, "in [0, 1)"),
               ("seed", cfg.seed >= 0, ">= 0"), ("log_every", cfg.log_every >= 1, ">= 1"),
-              ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 or None")]
+              ("max_steps", cfg.max_steps is None or cfg.max_steps >= 1, ">= 1 or None"),
+              ("workers", cfg.workers >= 0, ">= 0"), ("ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)")]
     for name, ok, allowed in checks:
         if not ok:
             raise UserError(f"{name} must be {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.recipe == "deit" and cfg.batch_size % 2:
+        raise UserError(f"batch_size must be even with --recipe deit (Mixup pairs images), got {cfg.batch_size}")
     if cfg.resume and cfg.fresh:
         raise UserError("--resume and --fresh exclude each other: --resume continues the checkpoint's run, "
                         "--fresh starts a new one")
@@ -198,12 +209,13 @@ def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local_rank), device
 
 
-def load_data(cfg: TrainConfig) -> tuple[LabeledImages, LabeledImages]:
-    """The train split (`limit` subset) and the test split (`test_limit` subset), seeded by `cfg.seed`."""
-    train_ds = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed,
-                            **cfg.data_options)
-    test_ds = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, limit=cfg.test_limit, seed=cfg.seed,
-                           **cfg.data_options)
+def load_data(cfg: TrainConfig) -> tuple[LabeledImages | StreamingImages, LabeledImages | StreamingImages]:
+    """The train split (`limit` subset) and the test split (`test_limit` subset), seeded by `cfg.seed`: in memory
+    or streamed as `cfg.data_mode` says (experiments.data.open_dataset)."""
+    train_ds = open_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, limit=cfg.limit, seed=cfg.seed,
+                            mode=cfg.data_mode, **cfg.data_options)
+    test_ds = open_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, limit=cfg.test_limit, seed=cfg.seed,
+                           mode=cfg.data_mode, **cfg.data_options)
     return train_ds, test_ds
 
 
@@ -277,20 +289,27 @@ def prepare(cfg: TrainConfig, train_ds: LabeledImages, device: torch.device, dis
     if device.type == "cuda" and models.family_of(cfg.model) == "resnet":
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, fused=device.type == "cuda")
     net = model
     if dist.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    return TrainState(model=model, net=net, optimizer=optimizer)
+    ema = None
+    if cfg.recipe == "deit":
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+    return TrainState(model=model, net=net, optimizer=optimizer, ema=ema)
 
 
 # ----------------------------------------------------------------------------------------------- loop
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: LabeledImages, device: torch.device | str, batch_size: int = 256) -> dict:
+def evaluate(model: nn.Module, ds: LabeledImages | StreamingImages, device: torch.device | str,
+             batch_size: int = 256, workers: int = 0) -> dict:
     """Test-set fine top-1, coarse top-1 and mean cross-entropy (no smoothing) of `model` on `ds`.
 
     The coarse prediction is the argmax of the fine probabilities summed per coarse group (`fine_to_coarse`).
@@ -302,7 +321,12 @@ def evaluate(model: nn.Module, ds: LabeledImages, device: torch.device | str, ba
     loss = torch.zeros((), dtype=torch.float64, device=device)
     fine_ok = torch.zeros((), dtype=torch.int64, device=device)
     coarse_ok = torch.zeros((), dtype=torch.int64, device=device)
-    for x, fine, coarse in batches(ds, batch_size, shuffle=False, device=device):
+    if isinstance(ds, StreamingImages):
+        source = ((x.to(device), f.to(device), c.to(device))
+                  for x, f, c in ds.loader(batch_size, shuffle=False, seed=0, workers=workers))
+    else:
+        source = batches(ds, batch_size, shuffle=False, device=device)
+    for x, fine, coarse in source:
         with autocast(device):
             logits = model(x).float()
         loss += F.cross_entropy(logits, fine, reduction="sum")
@@ -328,10 +352,53 @@ def _start_epoch(cfg: TrainConfig, state: TrainState, epoch: int, dist: Dist, ge
     if state.epoch_step == 0:
         gen.manual_seed(_mix(cfg.seed, epoch, _STREAM_AUGMENT, dist.rank))
         torch.manual_seed(_mix(cfg.seed, epoch, _STREAM_GLOBAL, dist.rank))
+        if cfg.recipe != "plain":  # Mixup draws from numpy's global RNG, random erasing from Python's
+            import random
+            random.seed(_mix(cfg.seed, epoch, _STREAM_AUGMENT, dist.rank))
+            np.random.seed(_mix(cfg.seed, epoch, _STREAM_AUGMENT, dist.rank) % 2**32)
         state.epoch_loss = torch.zeros((), dtype=torch.float64)
     elif state.augment_state is not None:  # resumed mid-epoch: the global RNG came with the checkpoint
         gen.set_state(state.augment_state)
     state.augment_state = None
+
+
+def train_transform(cfg: TrainConfig, ds: StreamingImages) -> Callable:
+    """The per-image training transform of streamed data (timm's `create_transform`): plain = random resized
+    crop and flip; deit = plus RandAugment and random erasing; no augmentation = the eval transform."""
+    from timm.data import create_transform
+
+    if not cfg.augment and cfg.recipe == "plain":
+        return ds.transform
+    hflip = 0.0 if ds.name in NO_FLIP_DATASETS else 0.5
+    common = dict(is_training=True, hflip=hflip, mean=ds.mean, std=ds.std)
+    if cfg.recipe == "deit":
+        return create_transform(ds.img_size, auto_augment=DEIT_AUTO_AUGMENT, interpolation="bicubic",
+                                re_prob=DEIT_RE_PROB, re_mode="pixel", re_count=1, color_jitter=0.4, **common)
+    return create_transform(ds.img_size, color_jitter=0.0, **common)
+
+
+def _stream_sampler(cfg: TrainConfig, ds: StreamingImages, dist: Dist):
+    """None (the loader's DistributedSampler), or timm's RepeatAugSampler for the deit recipe."""
+    if cfg.recipe != "deit":
+        return None
+    from timm.data.distributed_sampler import RepeatAugSampler
+    return RepeatAugSampler(ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                            num_repeats=DEIT_REPEATS, selected_round=0)
+
+
+def epoch_steps(cfg: TrainConfig, train_ds: LabeledImages | StreamingImages, dist: Dist = Dist()) -> int:
+    """Optimizer steps per epoch and process (the deit recipe's repeated augmentation keeps ceil(n / world))."""
+    if isinstance(train_ds, StreamingImages) and cfg.recipe == "deit":
+        return math.ceil(len(train_ds) / dist.world_size) // cfg.batch_size
+    return steps_per_epoch(len(train_ds), cfg.batch_size, dist.world_size)
+
+
+def _mixup(cfg: TrainConfig, num_classes: int) -> Callable | None:
+    if cfg.recipe != "deit":
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=DEIT_MIXUP, cutmix_alpha=DEIT_CUTMIX, label_smoothing=cfg.label_smoothing,
+                 num_classes=num_classes)
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float, device: torch.device, *,
@@ -350,25 +417,57 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float, d
     return loss.detach().double()
 
 
-def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages, device: torch.device, dist: Dist = Dist(),
-        *, on_log: Callable[[dict, int], None] | None = None,
+def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages | StreamingImages, device: torch.device,
+        dist: Dist = Dist(), *, on_log: Callable[[dict, int], None] | None = None,
         on_epoch: Callable[[TrainState, float], None] | None = None,
         time_limit_s: float | None = None, progress: bool = True) -> str | None:
     """Train `state` from where it stands to the end of epoch `cfg.epochs`.
 
-    Stops early at `cfg.max_steps` or after `time_limit_s` seconds, leaving `state` mid-epoch with the
+    Batches come from the in-memory tensors (a `LabeledImages`: indexed on `device`, augmented with
+    `augment_batch`, exactly as always) or from a streamed dataset's DataLoader (per-image timm transforms in
+    `cfg.workers` processes; this rank's shard by DistributedSampler, resumed mid-epoch by skipping the batches
+    done). Stops early at `cfg.max_steps` or after `time_limit_s` seconds, leaving `state` mid-epoch with the
     augmentation generator state saved, so it can be checkpointed and resumed. Calls `on_log(metrics, step)`
-    every `cfg.log_every` steps (train loss, lr, images/s) and `on_epoch(state, train_loss)` after each epoch.
+    every `cfg.log_every` steps (train loss, lr, images/s, data-wait share: the part of the wall time spent
+    waiting for the next batch) and `on_epoch(state, train_loss)` after each epoch.
     Returns None when all epochs are done, else why it stopped.
     """
-    spe = steps_per_epoch(len(train_ds), cfg.batch_size, dist.world_size)
+    spe = epoch_steps(cfg, train_ds, dist)
     if spe < 1:
         raise UserError(f"{len(train_ds)} training images make no batch of {cfg.batch_size} per process"
                          f" ({dist.world_size} processes); lower batch_size or raise limit")
-    images, fine = train_ds.images.to(device), train_ds.fine.to(device)
+    streamed = isinstance(train_ds, StreamingImages)
     flip = train_ds.name not in NO_FLIP_DATASETS
     channels_last = device.type == "cuda" and models.family_of(cfg.model) == "resnet"
     gen = torch.Generator(device=device)
+    mixup = _mixup(cfg, train_ds.num_fine)
+    erase = None
+    if streamed:
+        source = train_ds.with_transform(train_transform(cfg, train_ds))
+        sampler = _stream_sampler(cfg, source, dist)
+    else:
+        images, fine = train_ds.images.to(device), train_ds.fine.to(device)
+        if cfg.recipe == "deit":  # per-image erasing on the batch (RandAugment needs PIL images: streamed only)
+            from timm.data.random_erasing import RandomErasing
+            erase = RandomErasing(DEIT_RE_PROB, mode="pixel", device=str(device))
+
+    def epoch_batches(epoch: int, start: int):
+        if streamed:
+            if sampler is not None:
+                sampler.set_epoch(_mix(cfg.seed, epoch, _STREAM_ORDER))
+            for x, y, _ in source.loader(cfg.batch_size, shuffle=True, seed=cfg.seed, rank=dist.rank,
+                                         world_size=dist.world_size, workers=cfg.workers, epoch=epoch, start=start,
+                                         drop_last=True, sampler=sampler):
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            return
+        order = epoch_order(len(train_ds), cfg, epoch, dist).to(device)
+        for i in range(start, spe):
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x = train_ds.normalise(images[idx])
+            if cfg.augment:
+                x = augment_batch(x, gen, pad=AUGMENT_PAD, flip=flip)
+            yield (erase(x) if erase is not None else x), fine[idx]
+
     deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
     show = progress and dist.main
     bar_epochs = tqdm(range(state.epoch, cfg.epochs), desc=cfg.model, unit="epoch", initial=state.epoch,
@@ -376,11 +475,11 @@ def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages, device: to
     state.net.train()
     for epoch in bar_epochs:
         _start_epoch(cfg, state, epoch, dist, gen)
-        order = epoch_order(len(train_ds), cfg, epoch, dist).to(device)
+        batch_iter = epoch_batches(epoch, state.epoch_step)
         bar = tqdm(total=spe, initial=state.epoch_step, desc=f"epoch {epoch + 1}", unit="step", leave=False,
                    disable=None if show else True)
         interval_loss = torch.zeros((), dtype=torch.float64, device=device)
-        interval_steps, t_log = 0, time.perf_counter()
+        interval_steps, t_log, wait = 0, time.perf_counter(), 0.0
         t_seg = t_log  # training time is added up at points where the GPU has caught up
         for i in range(state.epoch_step, spe):
             if (reason := _stop_reason(cfg, state, deadline)) is not None:
@@ -390,31 +489,38 @@ def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages, device: to
                 state.augment_state = gen.get_state()
                 bar.close()
                 return reason
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x, y = train_ds.normalise(images[idx]), fine[idx]
-            if cfg.augment:
-                x = augment_batch(x, gen, pad=AUGMENT_PAD, flip=flip)
+            t_wait = time.perf_counter()
+            x, y = next(batch_iter)
+            wait += time.perf_counter() - t_wait
+            if mixup is not None:
+                x, y = mixup(x, y)  # soft targets, smoothing included
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             lr = lr_at(state.step, cfg, spe)
-            loss = train_step(state, x, y, lr, device, label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad)
+            loss = train_step(state, x, y, lr, device, label_smoothing=0.0 if mixup else cfg.label_smoothing,
+                              clip_grad=cfg.clip_grad)
+            if state.ema is not None:
+                state.ema.update(state.model, step=state.step)
             interval_loss += loss
             state.epoch_loss = state.epoch_loss.to(device) + loss
             state.step, state.epoch_step = state.step + 1, i + 1
-            state.images += len(idx)
+            state.images += len(x)
             interval_steps += 1
             if state.step % cfg.log_every == 0 or i + 1 == spe:
                 mean = interval_loss.item() / interval_steps  # waits for the GPU
                 now = time.perf_counter()
                 state.train_time_s += now - t_seg
                 ips = interval_steps * cfg.batch_size * dist.world_size / max(now - t_log, 1e-9)
+                share = wait / max(now - t_log, 1e-9)
                 if on_log is not None:
-                    on_log({"train/loss": mean, "train/lr": lr, "train/images_per_s": ips}, state.step)
-                bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                    on_log({"train/loss": mean, "train/lr": lr, "train/images_per_s": ips,
+                            "train/data_wait_share": share}, state.step)
+                bar.set_postfix(loss=f"{mean:.3f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", data_wait=f"{share:.0%}")
                 interval_loss.zero_()
-                interval_steps, t_log = 0, time.perf_counter()
+                interval_steps, t_log, wait = 0, time.perf_counter(), 0.0
                 t_seg = t_log
             bar.update(1)
+        batch_iter.close()  # ends the DataLoader's workers
         bar.close()
         train_loss = state.epoch_loss.item() / spe
         state.epoch, state.epoch_step = epoch + 1, 0
@@ -499,6 +605,7 @@ def save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, run_id: str
         "augment_state": state.augment_state,
         "rng": _rng_states(device),
         "history": state.history,
+        "ema": state.ema.module.state_dict() if state.ema is not None else None,
         "train_time_s": state.train_time_s, "images": state.images,
         "config": cfg.to_dict(), "run_id": run_id, "world_size": dist.world_size,
     }
@@ -564,6 +671,8 @@ def restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
     state.augment_state = ckpt["augment_state"]
     state.history = {k: list(ckpt["history"].get(k, [])) for k in HISTORY_KEYS}
     state.train_time_s, state.images = float(ckpt["train_time_s"]), int(ckpt["images"])
+    if state.ema is not None and ckpt.get("ema") is not None:
+        state.ema.module.load_state_dict(ckpt["ema"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -572,10 +681,20 @@ def restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
 # -------------------------------------------------------------------------------------------- tracking
 
 
+def _hierarchy(ds: LabeledImages | StreamingImages) -> dict:
+    """The WordNet grouping a streamed imagenet split carries ({} for other data)."""
+    return dict(getattr(ds, "info", {}).get("hierarchy") or {})
+
+
 def _tags(cfg: TrainConfig, model: nn.Module, train_ds: LabeledImages, test_ds: LabeledImages,
           device: torch.device, dist: Dist) -> dict:
     widths = getattr(model, "step_widths", None) if models.is_steps(cfg.model) else None
-    return {
+    hierarchy = _hierarchy(train_ds)
+    extra = {"stepslab.hierarchy": hierarchy["grouping"] + (" (approximation)" if hierarchy["approximation"] else
+                                                            ""), "stepslab.num_coarse": str(train_ds.num_coarse)
+             } if hierarchy else {}
+    return {**extra,
+        "stepslab.data": "streamed" if isinstance(train_ds, StreamingImages) else "memory",
         "stepslab.model": cfg.model, "stepslab.family": models.family_of(cfg.model),
         "stepslab.steps": "baseline" if widths is None else json.dumps(widths),
         "stepslab.dataset": cfg.dataset, "stepslab.dataset_fingerprint": train_ds.fingerprint,
@@ -601,7 +720,8 @@ def model_info(cfg: TrainConfig, train_ds: LabeledImages, metrics: dict) -> dict
         "num_coarse": train_ds.num_coarse, "fine_to_coarse": train_ds.fine_to_coarse,
         "fine_names": train_ds.fine_names, "coarse_names": train_ds.coarse_names,
         "mean": list(train_ds.mean), "std": list(train_ds.std), "img_size": train_ds.img_size,
-        "in_chans": train_ds.in_chans, "input_size": list(train_ds.images.shape[1:]), "seed": cfg.seed,
+        "in_chans": train_ds.in_chans, "input_size": [train_ds.in_chans, train_ds.img_size, train_ds.img_size],
+        "hierarchy": _hierarchy(train_ds).get("grouping"), "seed": cfg.seed,
         "metrics": metrics,
     }
 
@@ -703,12 +823,18 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
                 _echo(f"resuming run {run_id} from {path} (epoch {state.epoch}, step {state.step})", dist)
                 log({"resumed_at_step": state.step}, state.step)
             tracking.log_dict_artifact(cfg.to_dict(), "config.json")
+            if _hierarchy(train_ds):  # which WordNet groups the coarse labels are: the run's own record
+                tracking.log_dict_artifact(_hierarchy(train_ds), "hierarchy.json")
         on_log = log if run is not None else None
 
         def on_epoch(st: TrainState, train_loss: float) -> None:
             if not dist.main:
                 return
-            ev = evaluate(st.model, test_ds, device)
+            ev = evaluate(st.model, test_ds, device, workers=cfg.workers)
+            if st.ema is not None:
+                ev_ema = evaluate(st.ema.module, test_ds, device, workers=cfg.workers)
+                log({"epoch/test_fine_acc_ema": ev_ema["fine_acc"], "epoch/test_coarse_acc_ema": ev_ema["coarse_acc"]},
+                    st.epoch)
             for key, value in zip(HISTORY_KEYS, (st.epoch, st.step, train_loss, ev["loss"], ev["fine_acc"],
                                                  ev["coarse_acc"])):
                 st.history[key].append(value)
@@ -731,12 +857,11 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
         if stopped is None and h["epoch"] and h["epoch"][-1] == state.epoch:  # evaluated at the last epoch
             final = {"fine_acc": h["fine_acc"][-1], "coarse_acc": h["coarse_acc"][-1], "loss": h["test_loss"][-1]}
         else:
-            final = evaluate(state.model, test_ds, device)
+            final = evaluate(state.model, test_ds, device, workers=cfg.workers)
         state.model.to("cpu", memory_format=torch.contiguous_format).eval()
         metrics = {"fine_acc": final["fine_acc"], "coarse_acc": final["coarse_acc"], "test_loss": final["loss"],
                    "train_loss": state.history["train_loss"][-1] if state.history["train_loss"] else float("nan"),
-                   "epochs": state.epoch + state.epoch_step / max(1, steps_per_epoch(
-                       len(train_ds), cfg.batch_size, dist.world_size)),
+                   "epochs": state.epoch + state.epoch_step / max(1, epoch_steps(cfg, train_ds, dist)),
                    "steps": state.step, "train_time_s": state.train_time_s,
                    "images_per_s": state.images * dist.world_size / max(state.train_time_s, 1e-9)}
         tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=state.step)
