@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROBE := $(VENV)/bin/probe
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+WORDNET := /usr/share/wordnet
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup data test demo bench figures figures-data ui clean
@@ -17,11 +18,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q -e ".[test]" -c constraints.txt
 	touch $@
 
-# The embedded default dataset: Fashion-MNIST from Debian's package (original IDX files, MIT).
+# The embedded default dataset: Fashion-MNIST from Debian's package (original IDX files, MIT); WordNet 3.0
+# (Debian's wordnet-base) for ImageNet's coarse labels (experiments/wordnet.py).
 data:
 	@test -d $(FASHION_MNIST) || { $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }; }
 	@test -d $(FASHION_MNIST) && echo "Fashion-MNIST: $(FASHION_MNIST)"
+	@test -f $(WORDNET)/data.noun || { $(SUDO) apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q wordnet-base >/dev/null; }; }
+	@test -f $(WORDNET)/data.noun && echo "WordNet 3.0: $(WORDNET)"
 
 test: setup
 	$(PY) -m pytest
