@@ -602,7 +602,7 @@ def _stream_imagenet(split: str, data_dir: str | None, img_size: int = 224, coar
         raise DataError(f"imagenet: no images under {where}")
     groups = wordnet.grouping(classes, coarse)
     mean, std = _STATS["imagenet"]
-    return StreamingImages(read, keys, fine, name="imagenet", split=split, fine_names=classes,
+    return StreamingImages(read, keys, fine, name="imagenet", split=split, fine_names=groups["fine_names"],
                            coarse_names=groups["coarse_names"], fine_to_coarse=groups["fine_to_coarse"],
                            img_size=img_size, in_chans=3, mean=mean, std=std, info={"hierarchy": groups})
 
