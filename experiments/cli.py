@@ -213,7 +213,8 @@ def train_cmd(tracking_uri: str | None, **values) -> None:
 @main.command("freeze")
 @click_options(FreezeConfig)
 def freeze_cmd(**values) -> None:
-    """Freeze a train run from its checkpoint (safetensors + card) as a new registered version.
+    """Freeze a train run from its checkpoint (safetensors + card) as a new registered version, or published
+    weights as a baseline (--model M --pretrained [--weights FILE]).
 
     Re-freezes models frozen the old pickle way, and freezes runs stopped early (--max-steps, killed)."""
     from experiments.train import freeze

@@ -277,6 +277,17 @@ class FreezeConfig:
 
     run: str = opt(None, "The train run whose checkpoint is frozen (run id; see `probe runs --kind train`).",
                    metavar="RUN_ID")
+    model: str | None = opt(None, "With --pretrained: the baseline whose published timm weights are frozen "
+                            "(deit_t/s/b, swin_t/s/b, resnet18/34/50; any model with --weights).")
+    pretrained: bool = opt(False, "Freeze published (or given) weights as a baseline, without training.")
+    weights: str | None = opt(None, "With --pretrained: a .safetensors (or .pth, read weights-only) file; default: "
+                              "the model's weights in the local Hugging Face cache.", metavar="FILE")
+    dataset: str = opt("imagenet", "With --pretrained: the data the weights were trained on (the card's dataset).",
+                       choices=DATASETS)
+    data_dir: str | None = opt(None, "With --pretrained: where that data lives here (recorded on the card).")
+    model_kwargs: dict = opt(help="With --pretrained: create_model kwarg (repeat) that the weights need, e.g. "
+                             "num_classes=10.", flag="--model-option", metavar="KEY=VALUE", multiple=True,
+                             factory=dict)
     checkpoint: str | None = opt(None, "Checkpoint file (default: the run's checkpoint artifact, else its "
                                  "last.pt or the last-<run id>.pt kept beside it).", metavar="PATH")
     tracking_uri: str | None = opt(None, "Tracking store (default: $MLFLOW_TRACKING_URI, else mlruns/).",

@@ -58,6 +58,7 @@ __all__ = [
     "TrackingError", "resolve_tracking_uri", "configure", "tracked_run", "log_metrics", "log_dict_artifact",
     "log_figure", "register_frozen", "load_frozen", "newest_frozen", "resolve_frozen", "find_runs", "check_uri",
     "get_run", "logged_steps", "build_model", "read_json_artifact", "download_run_file", "FROZEN_FORMAT",
+    "read_weights", "find_pretrained", "sha256_file", "check_state",
 ]
 
 _log = logging.getLogger(__name__)
@@ -447,6 +448,57 @@ def build_model(name: str, kwargs: dict, what: str) -> torch.nn.Module:
                             f"{_short(exc)})") from None
 
 
+sha256_file = _sha256  # the digest a card records, for callers outside this module
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a weights file without unpickling code: ``.safetensors`` read as such, anything else
+    with ``torch.load(weights_only=True)`` (a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is opened).
+    One-line `TrackingError` for a missing or unreadable file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrackingError(f"--weights {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as exc:
+        raise TrackingError(f"--weights {path} is not a readable weights file ({_short(exc)}); give a "
+                            ".safetensors file or a torch state_dict") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TrackingError(f"--weights {path} holds no state_dict of tensors")
+    return state
+
+
+def find_pretrained(model: torch.nn.Module, name: str) -> Path:
+    """The published weights of `model` (timm's pretrained_cfg names a Hugging Face repo) in the local Hugging
+    Face cache, never downloaded. A `TrackingError` says where they were looked for when absent."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    repo = cfg.get("hf_hub_id") if not name.startswith("steps_") and "micro" not in name else None
+    if not repo:
+        raise TrackingError(f"{name} has no published weights (StepsLab's own models are trained here); freeze "
+                            f"a file of its weights with --weights FILE")
+    looked = []
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, filename, cache_dir=constants.HF_HUB_CACHE)
+        if isinstance(hit, str):
+            return Path(hit)
+        looked.append(filename)
+    where = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    raise TrackingError(f"no pretrained weights for {name}: looked for {' and '.join(looked)} of {repo} in {where} "
+                        f"(the local Hugging Face cache; nothing is downloaded); fetch them where you are online "
+                        f"(huggingface-cli download {repo}) or pass --weights FILE")
+
+
 def _check_state(model: torch.nn.Module, name: str, state: dict[str, torch.Tensor], what: str) -> None:
     """Refuse weights whose names or shapes differ from `model`'s (load_state_dict would say so less clearly)."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -457,6 +509,9 @@ def _check_state(model: torch.nn.Module, name: str, state: dict[str, torch.Tenso
         detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
                   f"{diff[0]} is {have[diff[0]]}, {name} has {want[diff[0]]}")
         raise TrackingError(f"{what}: the weights do not fit {name}: {detail}")
+
+
+check_state = _check_state
 
 
 def register_frozen(model: torch.nn.Module, registered_name: str, *, model_info: dict,

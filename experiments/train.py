@@ -918,6 +918,11 @@ def freeze(cfg: FreezeConfig, echo: Callable[[str], None] = print) -> str:
     and freezes runs that stopped early. Returns the version's ``models:/<name>/<version>``."""
     from experiments import tracking
 
+    if cfg.pretrained:
+        return freeze_pretrained(cfg, echo)
+    if cfg.model or cfg.weights:
+        raise UserError("--model and --weights go with --pretrained (a published baseline); to freeze a train run "
+                        "give --run RUN_ID")
     if not cfg.run:
         raise UserError("give --run RUN_ID: the train run to freeze (list them with: probe runs --kind train)")
     tracking.configure(cfg.tracking_uri)
@@ -952,6 +957,58 @@ def freeze(cfg: FreezeConfig, echo: Callable[[str], None] = print) -> str:
         uri = tracking.register_frozen(model.eval(), f"{tcfg.model}-{tcfg.dataset}", model_info=info)
     note = "" if complete else f" (stopped early at epoch {ckpt['epoch']}, step {ckpt['step']})"
     echo(f"froze run {run_id} from {shown}{note}: {uri}")
+    return uri
+
+
+def freeze_pretrained(cfg: FreezeConfig, echo: Callable[[str], None] = print) -> str:
+    """`probe freeze --model M --pretrained [--weights FILE]`: freeze published timm weights (from the local
+    Hugging Face cache, or FILE) as a baseline, in one MLflow run of kind ``freeze``, with the sha256 of the file
+    read in the run (param ``weights_sha256``) and on the card. Nothing is downloaded or unpickled."""
+    from experiments import tracking
+
+    if cfg.run:
+        raise UserError("--run and --pretrained exclude each other: --run freezes a train run, --pretrained "
+                        "published weights")
+    if not cfg.model:
+        raise UserError(f"--pretrained needs --model (one of: {', '.join(models.registry.MODELS)})")
+    models.registry.check_name(cfg.model)
+    check_model_options(cfg.model, cfg.model_kwargs)
+    model = tracking.build_model(cfg.model, dict(cfg.model_kwargs), f"model {cfg.model}")
+    source = Path(cfg.weights) if cfg.weights else tracking.find_pretrained(model, cfg.model)
+    state = tracking.read_weights(source)
+    try:  # names the first missing, unexpected or misshapen tensor
+        tracking.check_state(model, cfg.model, state, f"--weights {source}")
+    except UserError as exc:
+        raise UserError(f"{exc} (with --model-option {cfg.model_kwargs or 'none'}; give the ones the weights need, "
+                        "e.g. num_classes=10)") from None
+    model.load_state_dict(state, strict=True)
+    digest = tracking.sha256_file(source)
+    pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    in_chans, size = int(pcfg.get("input_size", (3, 224, 224))[0]), int(pcfg.get("input_size", (3, 224, 224))[-1])
+    num = int(getattr(model, "num_classes", 0) or 0)
+    fine_names, coarse_names, f2c = [str(k) for k in range(num)], ["all"], [0] * num
+    if cfg.dataset == "imagenet" and num == 1000:  # the published ImageNet head: WordNet ids, WordNet groups
+        from experiments import wordnet
+        with contextlib.suppress(UserError):  # no WordNet here: plain indices
+            g = wordnet.grouping(wordnet.imagenet_synsets(), "depth5")
+            fine_names, coarse_names, f2c = g["fine_names"], g["coarse_names"], g["fine_to_coarse"]
+    kwargs = {**dict(cfg.model_kwargs), "num_classes": num, "in_chans": in_chans}
+    if models.family_of(cfg.model) in ("deit", "swin"):
+        kwargs["img_size"] = size
+    info = {"model": cfg.model, "create_kwargs": kwargs, "dataset": cfg.dataset, "data_options": {},
+            "data_dir": cfg.data_dir, "num_fine": num, "num_coarse": len(coarse_names), "fine_to_coarse": f2c,
+            "fine_names": fine_names, "coarse_names": coarse_names,
+            "mean": list(pcfg.get("mean", (0.485, 0.456, 0.406))), "std": list(pcfg.get("std", (0.229, 0.224, 0.225))),
+            "img_size": size, "in_chans": in_chans, "input_size": [in_chans, size, size],
+            "pretrained": {"file": str(source), "sha256": digest, "hf_hub_id": pcfg.get("hf_hub_id"),
+                           "tag": pcfg.get("tag")}, "metrics": {}}
+    params = {"model": cfg.model, "pretrained": True, "weights": str(source), "weights_sha256": digest,
+              "model_kwargs": dict(cfg.model_kwargs)}
+    tags = {"stepslab.model": cfg.model, "stepslab.dataset": cfg.dataset, "stepslab.pretrained": "true",
+            "stepslab.weights_sha256": digest}
+    with tracking.tracked_run("freeze", params, tags=tags):
+        uri = tracking.register_frozen(model.eval(), f"{cfg.model}-pretrained", model_info=info)
+    echo(f"froze the pretrained weights {source} (sha256 {digest[:12]}...) of {cfg.model}: {uri}")
     return uri
 
 
