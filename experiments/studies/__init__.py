@@ -46,6 +46,7 @@ STUDIES: dict[str, str] = {
     "degradation": "Training error against depth: plain vs residual vs highway vs Steps MLPs, equal budget.",
     "shortcut": "Shortcut ratio sigma(z0)/sigma(z_l) and input Jacobian norm, DeiT vs Steps-DeiT.",
     "depth": "Accuracy against depth at fixed MACs: DeiT (narrower) vs Steps-DeiT.",
+    "dol": "Division of labour, end to end: seeds, planted positive controls, power/MDE, an HTML+PDF report.",
 }
 
 
