@@ -14,17 +14,31 @@ import sys
 import traceback
 from typing import Callable, NoReturn, TypeVar
 
-from models.errors import UserError
-
-__all__ = ["UserError", "USER_ERROR_EXIT", "fail", "report", "guarded", "raise_interrupt", "catch_signals",
+__all__ = ["USER_ERROR_EXIT", "fail", "report", "guarded", "raise_interrupt", "catch_signals",
            "interrupted"]
 
 USER_ERROR_EXIT = 2
 T = TypeVar("T")
 
 
+def __getattr__(name: str):
+    # `UserError` lives in models.errors (every room raises it); loading it loads the models package and timm,
+    # which a usage error or a signal must not wait for, so it is imported on first use only.
+    if name == "UserError":
+        from models.errors import UserError
+        return UserError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    errors = sys.modules.get("models.errors")  # not loaded yet: nothing can have raised a UserError
+    return errors is not None and isinstance(exc, errors.UserError)
+
+
 def fail(message: str) -> NoReturn:
     """Raise a `UserError` (for call sites that read better as a statement)."""
+    from models.errors import UserError
+
     raise UserError(message)
 
 
@@ -35,7 +49,7 @@ def _one_line(text: str) -> str:
 
 def report(exc: BaseException) -> int:
     """Print `exc` by the policy above and return the exit status (2 for a user's mistake, 1 for a bug)."""
-    if isinstance(exc, UserError):
+    if _is_user_error(exc):
         if os.environ.get("STEPSLAB_DEBUG"):
             traceback.print_exception(exc)
         print(f"error: {_one_line(exc)}", file=sys.stderr)
