@@ -595,8 +595,7 @@ def _stream_imagenet(split: str, data_dir: str | None, img_size: int = 224, coar
     else:
         hf_split = "train" if split == "train" else "validation"
         classes = synsets
-        read, keys, fine = hf_source(_hf_from_disk(root, hf_split, "imagenet"), "image", "label",
-                                     f"imagenet/{hf_split}")
+        read, keys, fine = hf_source(_hf_imagenet(root, hf_split), "image", "label", f"imagenet/{hf_split}")
         where = f"{root} ({hf_split})"
     if not keys:
         raise DataError(f"imagenet: no images under {where}")
@@ -605,6 +604,21 @@ def _stream_imagenet(split: str, data_dir: str | None, img_size: int = 224, coar
     return StreamingImages(read, keys, fine, name="imagenet", split=split, fine_names=groups["fine_names"],
                            coarse_names=groups["coarse_names"], fine_to_coarse=groups["fine_to_coarse"],
                            img_size=img_size, in_chans=3, mean=mean, std=std, info={"hierarchy": groups})
+
+
+def _hf_imagenet(root: Path, split: str):
+    """The Hugging Face imagenet-1k files of `split`: a save_to_disk copy, or the hub's parquet shards
+    (`data/<split>-*.parquet`), which `datasets` converts once into its memory-mapped arrow cache
+    (HF_DATASETS_CACHE; about the size of the parquet files) so that nothing is held in memory."""
+    import datasets
+
+    files = sorted(str(p) for p in root.rglob(f"{split}-*.parquet"))
+    if not files:
+        return _hf_from_disk(root, split, "imagenet")
+    try:
+        return datasets.load_dataset("parquet", data_files={split: files}, split=split)
+    except Exception as e:  # noqa: BLE001 - unreadable shards: one line
+        raise DataError(f"cannot read imagenet parquet files in {str(root)!r}: {str(e).splitlines()[0]}") from None
 
 
 def _stream_hf(name: str, split: str, data_dir: str | None):

@@ -99,3 +99,31 @@ def test_train_cli_records_the_wordnet_grouping(inet, tmp_path, store):
     card = json.loads(Path(MlflowClient().download_artifacts(run.info.run_id, "model_info.json",
                                                              str(tmp_path))).read_text())
     assert card["hierarchy"] == "entity13" and card["num_coarse"] == 3  # other, mammal, wheeled_vehicle
+
+
+def test_imagenet_hugging_face_parquet_layout(tmp_path, monkeypatch):
+    """The hub's imagenet-1k layout (data/<split>-NNNNN-of-NNNNN.parquet, columns image and label = index in
+    timm's synset order), converted once into datasets' memory-mapped cache and read row by row."""
+    import io
+
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+
+    def jpeg(seed: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 20, 3), np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    for split, labels in (("train", [0, 1, 151, 999]), ("validation", [151, 999])):
+        ds = datasets.Dataset.from_dict({"image": [{"bytes": jpeg(i), "path": None} for i in range(len(labels))],
+                                         "label": labels}).cast_column("image", datasets.Image())
+        ds.to_parquet(str(tmp_path / "hf" / "data" / f"{split}-00000-of-00001.parquet"))
+    tr = open_dataset("imagenet", "train", data_dir=str(tmp_path / "hf"), img_size=16, coarse="depth4")
+    assert len(tr) == 4 and tr.num_fine == 1000 and tr.fine.tolist() == [0, 1, 151, 999]
+    assert tr.fine_names[151] == "Chihuahua (n02085620)"
+    x, fine, coarse = tr[2]
+    assert x.shape == (3, 16, 16) and tr.coarse_names[coarse] == "living_thing (n00004258)"
+    assert len(open_dataset("imagenet", "test", data_dir=str(tmp_path / "hf"), img_size=16)) == 2
