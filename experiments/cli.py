@@ -177,12 +177,13 @@ def run_cmd(**values) -> None:
 def _train_summary(results: list) -> str:
     """Table of finished train runs, then where each one's run, frozen model and checkpoint are."""
     header = ["model", "dataset", "epochs", "steps", "fine acc", "coarse acc", "test loss", "train img/s",
-              "train s"]
+              "data wait", "train s"]
     rows, where = [], []
     for r in results:
         m = r.metrics
         rows.append([r.config.model, r.config.dataset, f"{m['epochs']:g}", str(m["steps"]), f"{m['fine_acc']:.4f}",
                      f"{m['coarse_acc']:.4f}", f"{m['test_loss']:.4f}", f"{m['images_per_s']:.0f}",
+                     f"{m.get('data_wait_share', float('nan')):.0%}",
                      f"{m['train_time_s']:.1f}"])
         frozen = r.model_uri or ("not registered (--no-register)" if r.complete else
                                  "not registered: stopped early, continue with --resume")

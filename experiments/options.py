@@ -183,7 +183,9 @@ class TrainConfig:
     register: bool = opt(True, "Register the frozen model.")
     max_steps: int | None = opt(None, "Stop (checkpointed) after this many optimizer steps.")
     log_every: int = opt(20, "Optimizer steps per logged train loss / lr / images/s.")
-    data_options: dict = opt(help="Dataset option (repeat), e.g. n=8000 or img_size=32 for hierarchy.",
+    data_options: dict = opt(help="Dataset option (repeat), e.g. n=8000 or img_size=32 for hierarchy; imagenet: "
+                             "img_size (224), coarse=depthN (N 1..12, default depth5) or entity13 (a BREEDS "
+                             "approximation).",
                              flag="--data-option", metavar="KEY=VALUE", multiple=True, factory=dict)
     model_kwargs: dict = opt(help="Extra create_model kwarg (repeat), e.g. patch_size=4.",
                              flag="--model-option", metavar="KEY=VALUE", multiple=True, factory=dict)

@@ -112,6 +112,7 @@ class TrainState:
     train_time_s: float = 0.0      # seconds spent in training steps (no evaluation, no checkpoints)
     images: int = 0                # images trained on by this process
     ema: nn.Module | None = None   # timm ModelEmaV3 of `model` (recipe deit)
+    wait_s: float = 0.0            # of train_time_s, seconds spent waiting for the next batch
 
 
 HISTORY_KEYS = ("epoch", "step", "train_loss", "test_loss", "fine_acc", "coarse_acc")
@@ -492,6 +493,7 @@ def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages | Streaming
             t_wait = time.perf_counter()
             x, y = next(batch_iter)
             wait += time.perf_counter() - t_wait
+            state.wait_s += time.perf_counter() - t_wait
             if mixup is not None:
                 x, y = mixup(x, y)  # soft targets, smoothing included
             if channels_last:
@@ -606,7 +608,7 @@ def save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, run_id: str
         "rng": _rng_states(device),
         "history": state.history,
         "ema": state.ema.module.state_dict() if state.ema is not None else None,
-        "train_time_s": state.train_time_s, "images": state.images,
+        "train_time_s": state.train_time_s, "images": state.images, "wait_s": state.wait_s,
         "config": cfg.to_dict(), "run_id": run_id, "world_size": dist.world_size,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -649,9 +651,11 @@ def load_checkpoint(path: Path | str) -> dict:
 def _check_resume(cfg: TrainConfig, ckpt: dict, path: Path, dist: Dist) -> None:
     """Refuse a resume whose data, model or steps per epoch would differ; warn about other changed values."""
     old = ckpt["config"]
+    defaults = TrainConfig()  # a checkpoint older than an option was trained with its default
     for key in RESUME_FIXED:
-        if old.get(key) != getattr(cfg, key):
-            raise UserError(f"checkpoint {path} was trained with {key}={old.get(key)!r}, not"
+        was = old.get(key, getattr(defaults, key))
+        if was != getattr(cfg, key):
+            raise UserError(f"checkpoint {path} was trained with {key}={was!r}, not"
                              f" {getattr(cfg, key)!r}; resume with the same value")
     if ckpt["world_size"] != dist.world_size and ckpt["epoch_step"]:
         raise UserError(f"checkpoint {path} stopped mid-epoch with {ckpt['world_size']} processes; resume with"
@@ -671,6 +675,7 @@ def restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
     state.augment_state = ckpt["augment_state"]
     state.history = {k: list(ckpt["history"].get(k, [])) for k in HISTORY_KEYS}
     state.train_time_s, state.images = float(ckpt["train_time_s"]), int(ckpt["images"])
+    state.wait_s = float(ckpt.get("wait_s", 0.0))
     if state.ema is not None and ckpt.get("ema") is not None:
         state.ema.module.load_state_dict(ckpt["ema"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -863,7 +868,8 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
                    "train_loss": state.history["train_loss"][-1] if state.history["train_loss"] else float("nan"),
                    "epochs": state.epoch + state.epoch_step / max(1, epoch_steps(cfg, train_ds, dist)),
                    "steps": state.step, "train_time_s": state.train_time_s,
-                   "images_per_s": state.images * dist.world_size / max(state.train_time_s, 1e-9)}
+                   "images_per_s": state.images * dist.world_size / max(state.train_time_s, 1e-9),
+                   "data_wait_share": state.wait_s / max(state.train_time_s, 1e-9)}
         tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=state.step)
         _log_final_artifacts(tracking, state, path, cfg)
         model_uri = None
