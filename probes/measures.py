@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from models.errors import UserError
 from probes.choices import LEVELS
 
-from .linear import CS, ProbeFit, Standardiser, fit_probe, fit_proba, flat, small_blas
+from .linear import CS, ProbeFit, Standardiser, fit_probe, fit_proba_grid, flat, small_blas
 
 __all__ = ["LEVELS", "MDL_FRACTIONS", "level_labels", "detail_groups", "MDLResult", "prequential_mdl",
            "geometric_ks", "pca_k", "random_k", "k_control", "bootstrap_ci", "division_of_labour", "Labels",
@@ -86,10 +86,12 @@ def prequential_mdl(x: np.ndarray, y: np.ndarray, n_classes: int, *, C: float | 
     pick = len(grid) // 2  # the first coded block: a middling C
     bits = np.empty(n)
     bits[:ends[0]] = np.log2(n_classes)
+    warm = None  # each block's probes start from the previous block's (same data, one block more)
     for start, stop in zip(ends, ends[1:]):
+        probas, warm = fit_proba_grid(x[:start], y[:start], x[start:stop], n_classes, Cs=grid, probe=probe,
+                                      seed=seed, init=warm)
         cost = []
-        for c in grid:
-            p = fit_proba(x[:start], y[:start], x[start:stop], n_classes, C=c, probe=probe, seed=seed)
+        for p in probas:
             p = (1 - _SMOOTH) * p + _SMOOTH / n_classes
             cost.append(-np.log2(p[np.arange(stop - start), y[start:stop]]))
         bits[start:stop] = cost[pick]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from experiments.bench import attribution, compiled, graphs, overhead, paths, probe, profile, throughput
+from experiments.bench import attribution, compiled, graphs, overhead, paths, probe, probe_run, profile, throughput
 from experiments.bench.harness import Pair, Setup, build, elapsed, free, log, optional, slug
 from experiments.bench.machine import contention, matmul_peak
 from experiments.bench.report import markdown, write
@@ -27,7 +27,7 @@ PAIR_SECTIONS: dict[str, Callable[[Pair, Setup], dict]] = {
     "graphs": graphs.run}
 # The sections run once, after the pairs, each with its own options (see Plan): probe.run, attribution.run,
 # compiled.run.
-ONCE_SECTIONS = ("probe", "attribution", "compile")
+ONCE_SECTIONS = ("probe", "attribution", "compile", "probe_run")
 SECTIONS = (*PAIR_SECTIONS, *ONCE_SECTIONS)
 DEFAULT_SECTIONS = ("throughput", "overhead", "paths", "profile", "probe", "attribution")
 COMPILE_NEED_S = {"cuda": 90.0, "cpu": 120.0}  # least budget left to start compiling a pair (partials are kept)
@@ -188,6 +188,8 @@ def _once(rep: dict, setup: Setup, plan: Plan) -> None:
         else:
             notes.append("probe: skipped, out of budget")
         write(rep, plan.out)
+    if "probe_run" in plan.sections:  # not by budget: the point is the whole loop's time
+        rep["probe_run"] = _guarded(rep, setup, "probe_run", lambda: probe_run.run(setup, notes))
     if "attribution" in plan.sections:
         if setup.left() > 5:
             rep["attribution"] = _guarded(rep, setup, "attribution", lambda: attribution.run(
