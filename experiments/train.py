@@ -443,6 +443,8 @@ def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages | Streaming
     gen = torch.Generator(device=device)
     mixup = _mixup(cfg, train_ds.num_fine)
     erase = None
+    # More decoding processes than cores only adds switching (torch warns of freezes): cap at the core count.
+    workers = min(cfg.workers, os.cpu_count() or 1)
     if streamed:
         source = train_ds.with_transform(train_transform(cfg, train_ds))
         sampler = _stream_sampler(cfg, source, dist)
@@ -457,7 +459,7 @@ def fit(cfg: TrainConfig, state: TrainState, train_ds: LabeledImages | Streaming
             if sampler is not None:
                 sampler.set_epoch(_mix(cfg.seed, epoch, _STREAM_ORDER))
             for x, y, _ in source.loader(cfg.batch_size, shuffle=True, seed=cfg.seed, rank=dist.rank,
-                                         world_size=dist.world_size, workers=cfg.workers, epoch=epoch, start=start,
+                                         world_size=dist.world_size, workers=workers, epoch=epoch, start=start,
                                          drop_last=True, sampler=sampler):
                 yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             return
