@@ -23,6 +23,16 @@ would overwrite is kept beside it as ``last-<run id>.pt``. A resumed run logs ea
 between the checkpoint and the stop were logged before). `freeze` (`probe freeze --run ID`) freezes a train run
 from its checkpoint, read with ``weights_only=True``.
 
+Data: 28-32 px datasets train from in-memory tensors as above; image folders and imagenet stream (experiments.
+streaming): `cfg.workers` DataLoader processes decode and augment each image with timm's transforms, this rank's
+shard comes from a DistributedSampler seeded by `seed` and reshuffled per epoch, workers are seeded from (seed,
+epoch, rank), and a resume mid-epoch skips the batches done (exact data order; with per-image augmentation on,
+the augmentation draws after the resume differ). `recipe` "deit" adds DeiT's recipe from timm: RandAugment and
+random erasing (per image when streamed; erasing per batch in memory), Mixup/CutMix with soft targets, repeated
+augmentation (RepeatAugSampler, streamed), and a model EMA evaluated beside the model (the model, not the EMA,
+is frozen). `grad_checkpointing` recomputes activations in the backward pass. Every `log_every` steps the run
+logs images/s and `train/data_wait_share`, the part of the wall time spent waiting for the next batch.
+
 MLflow (kind "train", rank 0 only) is imported inside `train()`, so `fit()` runs where only torch, timm, numpy
 and tqdm are installed (experiments/gpu_check.py).
 """
