@@ -35,6 +35,10 @@ by the sha256 of the model's state_dict bytes, the dataset fingerprint, the site
 written atomically (temp file + os.replace) with a header holding the key, shape, dtype, size and sha256 of the
 payload; a file that fails any check is deleted and rebuilt, never used. Non-finite features raise a one-line
 `FeatureError` naming the site (and are never cached).
+
+`extract_sharded` is the same pass for data that does not fit in memory or runs under torchrun: each process
+extracts its shards into ``<cache>/shards/<key>/`` (memory-mapped shard files, a JSON manifest with checksums,
+resumable; see `probes.shards`) and every name comes back as a lazily selected `ShardedArray`.
 """
 from __future__ import annotations
 
@@ -58,8 +62,9 @@ from models.registry import BASELINE_OF, create_model
 from models.sites import channel_dim, forward_paths, path_split, site_modules
 from probes.choices import DTYPES, POOLS
 from probes.runtime import LabeledImages, batches, resolve_device
+from probes.shards import ShardedArray, extract_shards, shard_dir
 
-__all__ = ["POOLS", "FeatureError", "FeatureSpec", "extract", "feature_specs", "feature_names", "block_features",
+__all__ = ["POOLS", "FeatureError", "FeatureSpec", "extract", "extract_sharded", "feature_specs", "feature_names", "block_features",
            "paired_steps_model", "model_hash", "cache_dir"]
 
 _MAGIC = b"STEPSLAB-FEATURES-1\n"
@@ -359,3 +364,38 @@ def extract(model: nn.Module, ds: LabeledImages, sites: Sequence[str], *, pool: 
                                             "dataset": f"{ds.name}/{ds.split}", "n": len(ds)})
         raw.update(fresh)
     return {n: spec.select(raw[spec.site]) for n, spec in specs.items()}
+
+
+def extract_sharded(model: nn.Module, ds, sites: Sequence[str], *, pool: str = "mean", batch_size: int = 256,
+                    device: str | torch.device = "auto", shard_size: int = 4096, dtype: str = "float32",
+                    workers: int = 0, model_ref: str = "", model_name: str | None = None, random_splits: int = 3,
+                    split_seed: int = 0, on_shard=None) -> dict[str, ShardedArray]:
+    """`extract` into a sharded, memory-mapped cache (see `probes.shards`): under torchrun each process extracts
+    its shards; an interrupted run resumes from the finished shards; 1 and N processes write identical files.
+
+    `ds` is a `LabeledImages` or a streaming dataset (one with ``loader``); `shard_size` examples per shard
+    (part of the cache key); `on_shard(i)` runs after shard i is written. Returns name -> ShardedArray (the
+    channel selection of each name applied chunk by chunk).
+    """
+    name = model_name or model_name_of(model)
+    _check_pool(model, pool, name)
+    if dtype not in DTYPES:
+        raise FeatureError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if shard_size < 1:
+        raise FeatureError(f"shard size {shard_size}: allowed: an integer >= 1")
+    if not sites:
+        return {}
+    specs = _resolve(model, list(sites), name, random_splits, split_seed)
+    raw_sites = sorted({s.site for s in specs.values()})
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    compute = "bf16" if dev.type == "cuda" else "fp32"
+    # One key for the set of sites: they come from one pass, so they are finished (or not) together.
+    key = _cache_key(model_hash(model), ds.fingerprint, ",".join(raw_sites), pool, dtype, compute)
+    key = hashlib.sha256(f"{key}|shards|{shard_size}".encode()).hexdigest()
+    raw = extract_shards(model, ds, raw_sites, directory=shard_dir(cache_dir(), key), key=key,
+                         pool_fn=lambda t: _pool(t, model, pool), shard_size=shard_size, batch_size=batch_size,
+                         device=dev, dtype=dtype, workers=workers, on_shard=on_shard,
+                         check=lambda s, a: _check_finite(s, a, name, pool),
+                         meta={"pool": pool, "model": name, "model_ref": model_ref,
+                               "dataset": f"{ds.name}/{ds.split}", "n": len(ds), "compute": compute})
+    return {n: raw[spec.site].select(spec.select) for n, spec in specs.items()}
