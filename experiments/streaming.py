@@ -131,20 +131,22 @@ class _Sub:
 
 
 class _FolderRead:
-    """Open the i-th file of a timm ImageDataset (its reader's sample list) with PIL."""
+    """Open the i-th file (a path relative to `root`) with PIL. One list of relative paths is all a worker holds
+    per image (it is also the dataset's `keys`)."""
 
-    def __init__(self, samples: list[tuple[str, int]]):
-        self.paths = [p for p, _ in samples]
+    def __init__(self, root: str, keys: list[str]):
+        self.root, self.keys = root, keys
 
     def __call__(self, i: int):
         from PIL import Image
 
+        path = f"{self.root}/{self.keys[i]}"
         try:
-            with Image.open(self.paths[i]) as im:
+            with Image.open(path) as im:
                 im.load()
                 return im
         except Exception as e:  # noqa: BLE001 - named, one line
-            raise DataError(f"{self.paths[i]} does not decode ({type(e).__name__}: {e})") from None
+            raise DataError(f"{path} does not decode ({type(e).__name__}: {e})") from None
 
 
 def folder_source(folder: str, classes: Sequence[str]) -> tuple[_FolderRead, list[str], np.ndarray]:
@@ -156,7 +158,7 @@ def folder_source(folder: str, classes: Sequence[str]) -> tuple[_FolderRead, lis
                         class_map={c: k for k, c in enumerate(classes)})
     samples = ds.reader.samples
     keys = [str(p)[len(str(folder)):].lstrip("/") for p, _ in samples]
-    return _FolderRead(samples), keys, np.asarray([t for _, t in samples], dtype=np.int64)
+    return _FolderRead(str(folder).rstrip("/"), keys), keys, np.asarray([t for _, t in samples], dtype=np.int64)
 
 
 class _HFRead:
