@@ -9,7 +9,9 @@ The interface shared with in-memory data and with the instruments (probes/featur
 dataset has ``name, split, fingerprint, fine_names, coarse_names, fine_to_coarse, num_fine, num_coarse,
 in_chans, img_size, mean, std, __len__`` and ``loader(batch_size, *, shuffle, seed, rank=0, world_size=1,
 workers=0, epoch=0, start=0, drop_last=False)``, an iterable of (normalised float images [B, C, H, W], fine [B],
-coarse [B]) on the CPU. `memory_loader` gives a `LabeledImages` the same method.
+coarse [B]) on the CPU; without `shuffle` rank r gets examples r, r + world_size, ... in dataset order, unpadded,
+so the shards of all ranks hold every example exactly once. `memory_loader` gives a `LabeledImages` the same
+method (`loader_of(ds)` picks the right one).
 """
 from __future__ import annotations
 
@@ -101,13 +103,20 @@ class StreamingImages(torch.utils.data.Dataset):
     def loader(self, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
                workers: int = 0, epoch: int = 0, start: int = 0, drop_last: bool = False,
                sampler: Iterable[int] | None = None) -> torch.utils.data.DataLoader:
-        """A DataLoader over this rank's shard: torch's `DistributedSampler` (seeded by `seed`, reshuffled per
-        `epoch`), skipping the first `start` batches (a resume mid-epoch), `workers` decoding processes seeded
-        from (seed, epoch, rank). `sampler` replaces the sampler (e.g. timm's repeated augmentation)."""
+        """A DataLoader over this rank's shard, yielding (normalised float images, fine, coarse) on the CPU.
+
+        With `shuffle`: torch's `DistributedSampler` (seeded by `seed`, reshuffled per `epoch`); without: the
+        strided shard rank::world_size in dataset order, unpadded (each example on exactly one rank). Skips the
+        first `start` batches (a resume mid-epoch); `workers` decoding processes seeded from (seed, epoch, rank).
+        `sampler` replaces the sampler (e.g. timm's repeated augmentation)."""
         from torch.utils.data import DataLoader, DistributedSampler
 
-        if sampler is None:  # a given sampler is the caller's to set_epoch
-            sampler = DistributedSampler(self, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+        if sampler is None and not shuffle:
+            # Extraction and evaluation: examples rank, rank + world_size, ... (DistributedSampler would pad the
+            # last shard with repeats); the shards are disjoint and together hold every example once.
+            sampler = range(rank, len(self), world_size)
+        elif sampler is None:  # a given sampler is the caller's to set_epoch
+            sampler = DistributedSampler(self, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                          drop_last=drop_last)
             sampler.set_epoch(epoch)
         order = list(sampler)

@@ -89,6 +89,14 @@ def test_stream_loader_shards_seeds_and_skips(tmp_path):
     order1 = list(torch.utils.data.DistributedSampler(ds, 2, 1, shuffle=True, seed=5))
     assert not set(order) & set(order1) and len(set(order) | set(order1)) == 18  # disjoint, covering shards
     assert fines(epoch=0, start=2) == fines(epoch=0)[6:]                   # resume mid-epoch skips batches done
+    # Unshuffled shards (extraction): disjoint, unpadded, every example once, the same on both kinds of data.
+    mem = load_dataset("imagefolder", "train", data_dir=str(tmp_path / "f"), img_size=16)
+    for d in (ds, mem):
+        parts = [torch.cat([x for x, _, _ in loader_of(d)(4, shuffle=False, seed=0, rank=r, world_size=3)])
+                 for r in range(3)]
+        assert [len(p) for p in parts] == [6, 6, 6]
+        whole = torch.cat([x for x, _, _ in loader_of(d)(5, shuffle=False, seed=0)])
+        assert torch.equal(torch.stack([parts[i % 3][i // 3] for i in range(18)]), whole)
     assert ds.fingerprint == open_dataset("imagefolder", "train", data_dir=str(tmp_path / "f"),
                                           img_size=16).fingerprint
     assert ds.subset(range(17)).fingerprint != ds.fingerprint
