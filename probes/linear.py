@@ -13,6 +13,12 @@ objective ``C * sum(cross-entropy) + ||W||^2 / 2`` as scikit-learn's):
 
 Features may be ``[N, C]`` or ``[N, T, C]`` (token features); the probe sees them flattened to ``[N, T*C]``.
 Cross-entropy is reported in nats per test image.
+
+Out of core: `fit_probe_streamed` and `fit_proba_grid_streamed` take features that need not fit in memory (a
+`probes.shards.ShardedArray`, or anything with ``chunks()`` and ``shape``) and fit the same probe: the standardiser
+from streamed sums, then the same batched L-BFGS on the exact full-batch loss and gradient, accumulated chunk by
+chunk over the memory-mapped shards. Same objective, strictly convex, run to convergence: the same optimum as the
+in-memory fit up to float rounding.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -33,7 +40,7 @@ from models.errors import UserError
 from probes.choices import PROBES
 
 __all__ = ["PROBES", "CS", "ProbeFit", "Standardiser", "fit_probe", "fit_proba", "fit_proba_grid",
-           "choose_backend", "flat", "small_blas"]
+           "fit_probe_streamed", "fit_proba_grid_streamed", "stream_standardiser", "choose_backend", "flat", "small_blas"]
 
 CS = (0.01, 0.1, 1.0, 10.0)  # regularisation grid; features are standardised so one grid fits all
 _EPS = 1e-12
@@ -281,3 +288,146 @@ def _select_C(x: np.ndarray, y: np.ndarray, n_classes: int, backend: str, Cs: tu
               for i in range(len(Cs))]
     best = int(np.argmin(scores))
     return float(Cs[best]), (coef[best:best + 1], icpt[best:best + 1])
+
+
+# ------------------------------------------------------------------------------------------- out of core
+
+def _passes(x) -> Callable[[], Iterator[np.ndarray]]:
+    """A function giving a fresh pass over `x`'s rows in order, chunk by chunk (one chunk for an array)."""
+    return x.chunks if hasattr(x, "chunks") else (lambda: iter([x]))
+
+
+def _rows(x, mask: np.ndarray | None) -> Iterator[np.ndarray]:
+    """The rows of `x` where `mask` (over all rows) is True, flattened to float32, one chunk at a time."""
+    off = 0
+    for c in _passes(x)():
+        k = len(c)
+        c = flat(c)
+        yield c if mask is None else c[mask[off:off + k]]
+        off += k
+
+
+def stream_standardiser(x, mask: np.ndarray | None = None) -> Standardiser:
+    """`Standardiser.fit` on the rows of streamed `x` selected by `mask` (all when None), from float64 sums:
+    one pass, nothing held but two vectors."""
+    n, s, ss = 0, 0.0, 0.0
+    for c in _rows(x, mask):
+        c64 = c.astype(np.float64)
+        n, s, ss = n + len(c), s + c64.sum(0), ss + (c64 * c64).sum(0)
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
+    return Standardiser(mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
+
+
+def _fit_torch_stream(x, mask: np.ndarray | None, st: Standardiser, y: np.ndarray, Cs: tuple[float, ...],
+                      n_classes: int, seed: int, init: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """`_fit_torch` on the selected rows of `x` (standardised by `st`), the loss and gradient summed chunk by
+    chunk; `y` holds the encoded labels of the selected rows in order."""
+    m, n, d = len(Cs), len(y), int(np.prod(x.shape[1:]))
+    if init is None:
+        g = torch.Generator().manual_seed(seed)
+        w0, b0 = 0.01 * torch.randn(m, n_classes, d, generator=g), torch.zeros(m, n_classes)
+    else:
+        w0, b0 = torch.as_tensor(init[0]), torch.as_tensor(init[1])
+    w = w0.permute(2, 0, 1).reshape(d, m * n_classes).contiguous()
+    b = b0.reshape(m * n_classes).contiguous()
+    reg_w = torch.tensor([1.0 / (2 * C * n) for C in Cs]).repeat_interleave(n_classes)
+    onehot = F.one_hot(torch.as_tensor(y).long(), n_classes).float()[:, None, :]
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    @torch.no_grad()
+    def closure():
+        loss, gw, gb, off = torch.zeros(()), torch.zeros_like(w), torch.zeros_like(b), 0
+        for c in _rows(x, mask):
+            xt, oh = torch.as_tensor(st(c)), onehot[off:off + len(c)]
+            logp = (xt @ w + b).view(len(c), m, n_classes).log_softmax(-1)
+            loss += -(logp * oh).sum() / n
+            dz = ((logp.exp() - oh) / n).view(len(c), m * n_classes)
+            gw += xt.T @ dz
+            gb += dz.sum(0)
+            off += len(c)
+        w.grad, b.grad = gw + 2 * reg_w * w, gb
+        return loss + (reg_w * w * w).sum()
+
+    opt.step(closure)
+    coef = w.detach().view(d, m, n_classes).permute(1, 2, 0).numpy()
+    return coef, b.detach().view(m, n_classes).numpy()
+
+
+def _stream_proba(x, mask: np.ndarray | None, st: Standardiser, coef: np.ndarray, icpt: np.ndarray
+                  ) -> np.ndarray:
+    """Probabilities [n_selected, K] of one probe, computed chunk by chunk (only [N, K] is held)."""
+    return np.concatenate([_proba(st(c), coef, icpt) for c in _rows(x, mask)])
+
+
+def fit_probe_streamed(x_train, y_train: np.ndarray, x_test, y_test: np.ndarray, *, C: float | None = None,
+                       Cs: tuple[float, ...] = CS, val_frac: float = 0.2, seed: int = 0) -> ProbeFit:
+    """`fit_probe` (torch backend) on features streamed from chunks (a ShardedArray, or an array): the same
+    validation split, C choice, refit and scores; memory holds one chunk, the labels and [N, K] probabilities."""
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise ValueError(f"features and labels differ in length: {len(x_train)}/{len(y_train)}, "
+                         f"{len(x_test)}/{len(y_test)}")
+    classes = np.unique(y_train)
+    if len(classes) < 2:
+        raise UserError(f"probe needs at least 2 classes in the training labels, got {classes.tolist()}")
+    ytr, K = _encode(y_train, classes), len(classes)
+    start = None
+    if C is None:
+        C = 1.0
+        if len(Cs) == 1:
+            C = float(Cs[0])
+        else:
+            rng = np.random.default_rng([seed, 11])  # the split of _select_C, draw for draw
+            val = np.zeros(len(ytr), bool)
+            for c in range(K):
+                idx = rng.permutation(np.flatnonzero(ytr == c))
+                val[idx[:int(len(idx) * val_frac)]] = True
+            if val.any() and not val.all():
+                st_a = stream_standardiser(x_train, ~val)
+                coef, icpt = _fit_torch_stream(x_train, ~val, st_a, ytr[~val], tuple(Cs), K, seed)
+                yv = ytr[val]
+                scores = [-np.log(np.maximum(_stream_proba(x_train, val, st_a, coef[i], icpt[i])[
+                    np.arange(len(yv)), yv], _EPS)).mean() for i in range(len(Cs))]
+                best = int(np.argmin(scores))
+                C, start = float(Cs[best]), (coef[best:best + 1], icpt[best:best + 1])
+    st = stream_standardiser(x_train, None)
+    coef, icpt = _fit_torch_stream(x_train, None, st, ytr, (C,), K, seed, start)
+    coef, icpt = coef[0], icpt[0]
+    proba = _stream_proba(x_test, None, st, coef, icpt)
+    pred = classes[proba.argmax(1)]
+    yte = _encode(y_test, classes)
+    p_true = np.where(yte >= 0, proba[np.arange(len(yte)), yte.clip(0)], 0.0)
+    correct = pred == y_test
+    return ProbeFit(acc=float(correct.mean()), bal_acc=float(balanced_accuracy_score(y_test, pred)),
+                    xent=float(-np.log(np.maximum(p_true, _EPS)).mean()), C=float(C), backend="torch-stream",
+                    classes=classes, pred=pred, correct=correct, coef=coef, intercept=icpt, standardiser=st)
+
+
+def fit_proba_grid_streamed(x, train: np.ndarray, evaluate: np.ndarray, y: np.ndarray, n_classes: int, *,
+                            Cs: tuple[float, ...] = CS, seed: int = 0,
+                            init: tuple[np.ndarray, np.ndarray] | None = None
+                            ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """`fit_proba_grid` where train and eval rows are masks over the rows of one streamed `x` (labels `y` over
+    all rows): the online MDL's growing prefixes without gathering them. Eval probabilities come in row order."""
+    y_train = y[train]
+    classes = np.unique(y_train)
+    n_eval = int(evaluate.sum())
+    if len(classes) == 1:
+        out = np.zeros((n_eval, n_classes), np.float64)
+        out[:, classes[0]] = 1.0
+        return [out] * len(Cs), init
+    st = stream_standardiser(x, train)
+    start = None if init is None else (init[0][:, classes], init[1][:, classes])
+    coef, icpt = _fit_torch_stream(x, train, st, _encode(y_train, classes), tuple(Cs), len(classes), seed, start)
+    probas = []
+    for c in range(len(Cs)):
+        out = np.zeros((n_eval, n_classes), np.float64)
+        out[:, classes] = _stream_proba(x, evaluate, st, coef[c], icpt[c])
+        probas.append(out)
+    full_coef = np.zeros((len(Cs), n_classes, coef.shape[2]), np.float32)
+    full_icpt = np.zeros((len(Cs), n_classes), np.float32)
+    full_coef[:, classes], full_icpt[:, classes] = coef, icpt
+    return probas, (full_coef, full_icpt)

@@ -9,9 +9,14 @@ detail). For accuracy m = per-image correctness on the test set. For MDL m = -(c
 codelength), the per-example code length as a fraction of the uniform code log2(K) of its level: the fraction
 makes coarse (few classes) and fine (many) comparable, and the minus sign keeps "positive = claim" (shorter
 codes are better). CIs: percentile bootstrap over examples, resampled jointly for all four terms (paired).
+
+Out of core: features given as `probes.shards.ShardedArray` (anything with ``chunks()``) are streamed: the probes
+(`linear.fit_probe_streamed`), the online MDL (each block's prefix a row mask, never gathered), the PCA control
+(covariance accumulated chunk by chunk) and the random-channel controls. Level ``detail`` is in-memory only.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -21,7 +26,8 @@ from tqdm.auto import tqdm
 from models.errors import UserError
 from probes.choices import LEVELS
 
-from .linear import CS, ProbeFit, Standardiser, fit_probe, fit_proba_grid, flat, small_blas
+from .linear import (CS, ProbeFit, Standardiser, stream_standardiser, fit_probe, fit_probe_streamed,
+                     fit_proba_grid, fit_proba_grid_streamed, flat, small_blas)
 
 __all__ = ["LEVELS", "MDL_FRACTIONS", "level_labels", "detail_groups", "MDLResult", "prequential_mdl",
            "geometric_ks", "pca_k", "random_k", "k_control", "bootstrap_ci", "division_of_labour", "Labels",
@@ -77,6 +83,8 @@ def prequential_mdl(x: np.ndarray, y: np.ndarray, n_classes: int, *, C: float | 
     block best (a choice the receiver can repeat, so it costs no bits). One C tuned on the whole train set
     over-fits the small early blocks and can make the online code longer than the uniform one.
     """
+    if _streamed(x):
+        return _mdl_streamed(x, np.asarray(y), n_classes, C=C, Cs=Cs, seed=seed, fractions=fractions)
     x, y = flat(x), np.asarray(y)
     n = len(y)
     order = np.random.default_rng([seed, 13]).permutation(n)
@@ -100,6 +108,37 @@ def prequential_mdl(x: np.ndarray, y: np.ndarray, n_classes: int, *, C: float | 
                      n_classes=n_classes)
 
 
+def _streamed(x) -> bool:
+    return hasattr(x, "chunks")
+
+
+def _mdl_streamed(x, y: np.ndarray, n_classes: int, *, C: float | None, Cs: tuple[float, ...], seed: int,
+                  fractions: tuple[float, ...]) -> MDLResult:
+    """`prequential_mdl` over streamed features: the same order, blocks and C choice; each block's training
+    prefix and coded block are row masks over the shards (rows visited in storage order, coded in stream order)."""
+    n = len(y)
+    order = np.random.default_rng([seed, 13]).permutation(n)
+    ends = sorted({min(n, max(1, int(round(f * n)))) for f in fractions} | {n})
+    grid = (C,) if C is not None else tuple(Cs)
+    pick = len(grid) // 2
+    bits = np.empty(n)
+    bits[:ends[0]] = np.log2(n_classes)
+    warm = None
+    for start, stop in zip(ends, ends[1:]):
+        train, block = np.zeros(n, bool), np.zeros(n, bool)
+        train[order[:start]], block[order[start:stop]] = True, True
+        probas, warm = fit_proba_grid_streamed(x, train, block, y, n_classes, Cs=grid, seed=seed, init=warm)
+        at = np.searchsorted(np.flatnonzero(block), order[start:stop])  # storage order -> stream order
+        cost = []
+        for p in probas:
+            p = (1 - _SMOOTH) * p[at] + _SMOOTH / n_classes
+            cost.append(-np.log2(p[np.arange(stop - start), y[order[start:stop]]]))
+        bits[start:stop] = cost[pick]
+        pick = int(np.argmin([c.sum() for c in cost]))
+    return MDLResult(bits=float(bits.sum()), uniform=float(n * np.log2(n_classes)), per_example=bits, order=order,
+                     n_classes=n_classes)
+
+
 def geometric_ks(width: int, extra: tuple[int, ...] = (), base: int = 4) -> list[int]:
     """1, base, base^2, ... below `width`, plus `width` and `extra` (each <= width)."""
     ks, k = {width} | {e for e in extra if 1 <= e <= width}, 1
@@ -111,6 +150,8 @@ def geometric_ks(width: int, extra: tuple[int, ...] = (), base: int = 4) -> list
 
 def pca_k(x_train: np.ndarray, x_test: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Project standardised features onto the top-k principal components of train: ``[N, k]`` each."""
+    if _streamed(x_train):
+        return _pca_streamed(x_train, x_test, k)
     xtr, xte = flat(x_train), flat(x_test)
     if not 1 <= k <= min(xtr.shape):
         raise UserError(f"PCA to k={k}: allowed 1..{min(xtr.shape)} for features {xtr.shape}")
@@ -121,12 +162,33 @@ def pca_k(x_train: np.ndarray, x_test: np.ndarray, k: int) -> tuple[np.ndarray, 
     return a @ vt[:k].T, b @ vt[:k].T
 
 
+def _pca_streamed(x_train, x_test, k: int):
+    """`pca_k` for streamed features: the components from the covariance summed chunk by chunk (the same
+    subspace as the SVD of the standardised matrix), the projections applied lazily to each chunk."""
+    d = int(np.prod(x_train.shape[1:]))
+    if not 1 <= k <= min(len(x_train), d):
+        raise UserError(f"PCA to k={k}: allowed 1..{min(len(x_train), d)} for features {(len(x_train), d)}")
+    st = stream_standardiser(x_train, None)
+    cov = np.zeros((d, d))
+    for c in x_train.chunks():
+        a = st(c.reshape(len(c), d).astype(np.float32)).astype(np.float64)
+        cov += a.T @ a
+    _, vecs = np.linalg.eigh(cov)
+    v = vecs[:, ::-1][:, :k].astype(np.float32)  # eigh sorts ascending: the top k are the last columns
+
+    def project(c: np.ndarray) -> np.ndarray:
+        return st(c.reshape(len(c), d).astype(np.float32)) @ v
+    return x_train.select(project), x_test.select(project)
+
+
 def random_k(x_train: np.ndarray, x_test: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """k channels drawn at random (seeded) from the channel axis (last); tokens features keep their tokens."""
     width = x_train.shape[-1]
     if not 1 <= k <= width:
         raise ValueError(f"random channels k={k}: allowed 1..{width}")
     idx = np.sort(np.random.default_rng([seed, 17, k]).choice(width, k, replace=False))
+    if _streamed(x_train):
+        return x_train.select(lambda a: a[..., idx]), x_test.select(lambda a: a[..., idx])
     return x_train[..., idx], x_test[..., idx]
 
 
@@ -142,8 +204,8 @@ def k_control(x_train, y_train, x_test, y_test, k: int, *, method: str, draws: i
         runs = [random_k(x_train, x_test, k, seed * 1000 + d) for d in range(draws)]
     else:
         raise ValueError(f"unknown method {method!r}; allowed: pca, random")
-    correct = np.mean([fit_probe(a, y_train, b, y_test, C=C, probe=probe, seed=seed).correct for a, b in runs],
-                      axis=0)
+    fit = fit_probe_streamed if _streamed(x_train) else functools.partial(fit_probe, probe=probe)
+    correct = np.mean([fit(a, y_train, b, y_test, C=C, seed=seed).correct for a, b in runs], axis=0)
     return float(correct.mean()), correct
 
 
@@ -184,7 +246,12 @@ def _probe_level(xtr, xte, ltr: Labels, lte: Labels, level: str, probe: str, see
     """Fits for one level: [(group or None, fit, test mask)] (detail: one fit per coarse group)."""
     if level != "detail":
         y_tr, y_te = (ltr.coarse, lte.coarse) if level == "coarse" else (ltr.fine, lte.fine)
-        return [(None, fit_probe(xtr, y_tr, xte, y_te, probe=probe, seed=seed), np.ones(len(y_te), bool))]
+        fit = fit_probe_streamed(xtr, y_tr, xte, y_te, seed=seed) if _streamed(xtr) else fit_probe(
+            xtr, y_tr, xte, y_te, probe=probe, seed=seed)
+        return [(None, fit, np.ones(len(y_te), bool))]
+    if _streamed(xtr):
+        raise UserError("level detail with features streamed from disk (--max-memory exceeded); allowed: coarse, "
+                        "fine, both, or a --max-memory the features fit in")
     out = []
     for g in detail_groups(ltr.fine_to_coarse):
         mtr, mte = ltr.coarse == g, lte.coarse == g
