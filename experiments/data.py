@@ -40,7 +40,8 @@ from experiments.options import DATA_MODES, DATASETS
 from probes.runtime import DataError, LabeledImages, batches  # the container and its batching, shared with probes/
 
 __all__ = [
-    "DATASETS", "SPLITS", "DataError", "LabeledImages", "load_dataset", "open_dataset", "materialize", "load_recorded", "check_input",
+    "DATASETS", "SPLITS", "DataError", "LabeledImages", "load_dataset", "open_dataset", "materialize",
+    "load_recorded", "check_input",
     "augment_batch", "batches", "FASHION_MNIST_DIR", "make_hierarchy",
 ]
 
@@ -154,8 +155,6 @@ def open_dataset(name: str, split: str = "train", *, data_dir: str | None = None
     if name in ("fashion_mnist", "hierarchy") and not (name == "fashion_mnist" and data_dir):
         raise DataError(f"{name} is held in memory only (28 px: faster that way); use --data-mode auto or memory")
     _check_args(name, split, limit, seed, options)
-    from experiments import streaming
-
     if name == "imagefolder":
         ds = _stream_imagefolder(split, data_dir, **options)
     elif name == "imagenet":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from experiments import train as T  # first: it sets OMP_WAIT_POLICY before torch loads OpenMP
+from experiments import train  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
