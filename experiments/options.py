@@ -232,6 +232,9 @@ class ProbeConfig:
     random_splits: int = opt(3, "Baselines: random matched splits.")
     mdl: bool = opt(True, "Online MDL (the slowest measure).")
     curves: bool = opt(True, "Small-probe curves.")
+    max_memory: str | None = opt(None, "Memory budget for features (8G, 512M, bytes): over it, features go to "
+                                 "sharded memory-mapped caches and the probes stream them (level detail "
+                                 "stays in memory). Default: no limit, all in memory.", metavar="SIZE")
     tracking_uri: str | None = opt(None, "Tracking store (default: $MLFLOW_TRACKING_URI, else mlruns/).",
                                    metavar="URI")
     n_boot: int = opt(1000, cli=False)

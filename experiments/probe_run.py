@@ -31,6 +31,12 @@ Metric names (figures read these; <path> as in the table: slow, fast, full, matc
     depth.acc.<path>.<level>               with --layers: accuracy at block k, step = k (paths slow/fast/full, or
                                            full/matched.contiguous.* for baselines); depth.dol.acc likewise
 Only the primary paths get MDL and the width controls; random matched splits and depth curves get accuracy.
+
+Memory (``--max-memory SIZE``, e.g. ``8G``): when the features of both splits would take more than SIZE in memory,
+they are extracted into sharded, memory-mapped caches (`probes.features.extract_sharded`; under torchrun each
+process extracts its shards) and the probes, online MDL and controls stream them chunk by chunk (same optimum as
+in memory; level ``detail`` stays in memory only). Without the option, or under the budget, nothing changes.
+The run records ``max_memory``, ``feature_bytes`` and ``streamed``.
 Artifacts: results.csv, results.json, confusion.png, depth.png (with --layers), probe_weights.npz.
 """
 from __future__ import annotations
@@ -52,7 +58,8 @@ from experiments.data import check_input, load_recorded
 from experiments.options import ProbeConfig
 from models.errors import UserError
 from models.sites import channel_dim, forward_paths
-from probes.features import POOLS, block_features, extract, feature_specs, paired_steps_model
+from probes.features import (POOLS, block_features, extract, extract_sharded, feature_bytes, feature_specs,
+                             paired_steps_model)
 from probes.linear import PROBES
 from probes.measures import Labels, detail_groups, measure, metrics_of
 
@@ -147,9 +154,21 @@ def _check_choices(cfg: ProbeConfig) -> list[str]:
     return select_levels(cfg.level)
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_memory(text: str) -> int:
+    """'8G', '512M', '1.5G', '4096' (bytes; K/M/G/T are powers of 1024, an optional trailing B) -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--max-memory {text!r}: allowed a positive size such as 8G, 512M or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
 def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeReport:
     """Load the frozen model, extract features, probe, print the table, log one MLflow run of kind ``probe``."""
     levels = _check_choices(cfg)
+    budget = None if getattr(cfg, "max_memory", None) is None else parse_memory(cfg.max_memory)
     tracking.configure(cfg.tracking_uri)
     model, info, name, ref = tracking.resolve_frozen(cfg.model, cfg.run, cfg.dataset, echo)
     paths, pairs, full = select_paths(model, name, cfg.path, cfg.random_splits)
@@ -170,11 +189,24 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
                   dataset=dataset, path=cfg.path, level=cfg.level, pool=cfg.pool, layers=cfg.layers, seed=cfg.seed,
                   limit=cfg.limit, test_limit=cfg.test_limit, probe=cfg.probe, random_splits=cfg.random_splits,
                   n_boot=cfg.n_boot, n_train=len(train_ds), n_test=len(test_ds))
+    streamed = False
+    if budget is not None:  # only then is the size measured: without the option, the run is as it always was
+        fkw = dict(pool=cfg.pool, model_name=name, random_splits=cfg.random_splits, split_seed=cfg.seed)
+        need = feature_bytes(model, train_ds, names, **fkw) + feature_bytes(model, test_ds, names, **fkw)
+        streamed = need > budget
+        params.update(max_memory=budget, feature_bytes=need, streamed=streamed)
+        if streamed and cfg.level in ("detail", "all"):
+            raise UserError(f"--level {cfg.level} with features of {need / 2**30:.2f} GiB over --max-memory "
+                            f"{cfg.max_memory}: allowed: --level coarse, fine or both, or a larger --max-memory")
+        if streamed:
+            echo(f"features need {need / 2**30:.2f} GiB > --max-memory {cfg.max_memory}: extracting into sharded "
+                 "caches and streaming the probes from them")
     tags = {"stepslab.source_run_id": info.get("run_id"), "stepslab.model": name, "stepslab.dataset": dataset}
     with tracking.tracked_run("probe", params, tags=tags) as run:
         kw = dict(pool=cfg.pool, batch_size=cfg.batch_size, model_ref=str(info.get("uri") or ref), model_name=name,
                   random_splits=cfg.random_splits, split_seed=cfg.seed)
-        ftr, fte = extract(model, train_ds, names, **kw), extract(model, test_ds, names, **kw)
+        get = extract_sharded if streamed else extract
+        ftr, fte = get(model, train_ds, names, **kw), get(model, test_ds, names, **kw)
         ltr, lte = Labels.of(train_ds), Labels.of(test_ds)
         rows, dol, curves, fits = measure({p: ftr[f] for p, f in paths.items()}, {p: fte[f] for p, f in paths.items()},
                                           ltr, lte, levels, full=full, pairs=pairs, probe=cfg.probe, seed=cfg.seed,

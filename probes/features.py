@@ -64,7 +64,7 @@ from probes.choices import DTYPES, POOLS
 from probes.runtime import LabeledImages, batches, resolve_device
 from probes.shards import ShardedArray, extract_shards, shard_dir
 
-__all__ = ["POOLS", "FeatureError", "FeatureSpec", "extract", "extract_sharded", "feature_specs", "feature_names",
+__all__ = ["POOLS", "FeatureError", "FeatureSpec", "extract", "extract_sharded", "feature_bytes", "feature_specs", "feature_names",
            "block_features", "paired_steps_model", "model_hash", "cache_dir"]
 
 _MAGIC = b"STEPSLAB-FEATURES-1\n"
@@ -399,3 +399,23 @@ def extract_sharded(model: nn.Module, ds, sites: Sequence[str], *, pool: str = "
                          meta={"pool": pool, "model": name, "model_ref": model_ref,
                                "dataset": f"{ds.name}/{ds.split}", "n": len(ds), "compute": compute})
     return {n: raw[spec.site].select(spec.select) for n, spec in specs.items()}
+
+
+def feature_bytes(model: nn.Module, ds, sites: Sequence[str], *, pool: str = "mean", dtype: str = "float32",
+                  model_name: str | None = None, random_splits: int = 3, split_seed: int = 0) -> int:
+    """Bytes the raw sites behind the feature names `sites` take for all of `ds` in memory (as `extract` holds
+    them), from one forward pass on one image: what a job compares with its memory budget."""
+    name = model_name or model_name_of(model)
+    _check_pool(model, pool, name)
+    specs = _resolve(model, list(sites), name, random_splits, split_seed)
+    raw_sites = sorted({s.site for s in specs.values()})
+    if not raw_sites or not len(ds):
+        return 0
+    was_training, dev = model.training, next(model.parameters(), torch.empty(0)).device
+    try:
+        with torch.no_grad():
+            out = forward_paths(model.eval(), ds[0][0][None].to(dev), raw_sites)
+    finally:
+        model.train(was_training)
+    per = sum(_pool(out[s], model, pool).numel() for s in raw_sites)
+    return per * np.dtype(dtype).itemsize * len(ds)

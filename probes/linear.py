@@ -40,7 +40,8 @@ from models.errors import UserError
 from probes.choices import PROBES
 
 __all__ = ["PROBES", "CS", "ProbeFit", "Standardiser", "fit_probe", "fit_proba", "fit_proba_grid",
-           "fit_probe_streamed", "fit_proba_grid_streamed", "stream_standardiser", "choose_backend", "flat", "small_blas"]
+           "fit_probe_streamed", "fit_proba_grid_streamed", "stream_standardiser", "choose_backend", "flat",
+           "small_blas"]
 
 CS = (0.01, 0.1, 1.0, 10.0)  # regularisation grid; features are standardised so one grid fits all
 _EPS = 1e-12

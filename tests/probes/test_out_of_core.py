@@ -64,3 +64,47 @@ def test_streamed_mdl_and_controls_match(data):
         for col in ("acc", "acc_pca", "acc_rand"):
             assert abs(ro[col] - rm[col]) <= 2 / len(yte), (col, ro[col], rm[col])
         assert abs(ro["mdl_ratio"] - rm["mdl_ratio"]) < 2e-3
+
+
+def test_parse_memory():
+    from experiments.probe_run import parse_memory
+    from models.errors import UserError
+
+    assert parse_memory("8G") == 8 << 30 and parse_memory("512m") == 512 << 20 and parse_memory("4096") == 4096
+    assert parse_memory("1.5GiB") == 3 << 29
+    with pytest.raises(UserError, match="'lots'"):
+        parse_memory("lots")
+
+
+@pytest.mark.slow
+def test_probe_run_streamed_matches_in_memory():
+    """`probe run --max-memory` below the features' size streams them from shards: same scores as in memory."""
+    import torch
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    import models
+    from experiments import tracking
+    from experiments.cli import main
+
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 16, "in_chans": 1, "img_size": 28}
+    model = models.create_model("steps_deit_micro", **kwargs)
+    info = {"model": "steps_deit_micro", "dataset": "hierarchy", "create_kwargs": kwargs, "in_chans": 1,
+            "img_size": 28}
+    with tracking.tracked_run("train", {"model": "steps_deit_micro"}):
+        ref = tracking.register_frozen(model, "steps_deit_micro-hierarchy-ooc", model_info=info)
+    args = ["run", "--run", ref, "--path", "all", "--no-curves", "--limit", "320", "--test-limit", "160"]
+    metrics = []
+    for extra in ([], ["--max-memory", "64K"]):
+        res = CliRunner().invoke(main, [*args, *extra], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        run_id = res.stdout.strip().splitlines()[-1].split()[2]
+        run = MlflowClient().get_run(run_id)
+        metrics.append(run.data.metrics)
+        if extra:
+            assert "streaming the probes" in res.stdout and run.data.params["streamed"] == "True"
+    mem, out = metrics
+    for name in ("acc.slow.coarse", "acc.fast.fine", "acc.full.coarse", "acc_pca.slow.fine", "acc_rand.fast.coarse"):
+        assert abs(out[name] - mem[name]) <= 0.005, (name, out[name], mem[name])  # issue: within 0.5 points
+    assert abs(out["mdl_ratio.slow.coarse"] - mem["mdl_ratio.slow.coarse"]) < 5e-3
