@@ -706,12 +706,13 @@ def _hierarchy(ds: LabeledImages | StreamingImages) -> dict:
 def _tags(cfg: TrainConfig, model: nn.Module, train_ds: LabeledImages, test_ds: LabeledImages,
           device: torch.device, dist: Dist) -> dict:
     widths = getattr(model, "step_widths", None) if models.is_steps(cfg.model) else None
+    tags = {"stepslab.data": "streamed" if isinstance(train_ds, StreamingImages) else "memory"}
     hierarchy = _hierarchy(train_ds)
-    extra = {"stepslab.hierarchy": hierarchy["grouping"] + (" (approximation)" if hierarchy["approximation"] else
-                                                            ""), "stepslab.num_coarse": str(train_ds.num_coarse)
-             } if hierarchy else {}
-    return {**extra,
-        "stepslab.data": "streamed" if isinstance(train_ds, StreamingImages) else "memory",
+    if hierarchy:  # imagenet: which WordNet grouping the coarse labels are (hierarchy.json has the groups)
+        approx = " (approximation)" if hierarchy["approximation"] else ""
+        tags.update({"stepslab.hierarchy": hierarchy["grouping"] + approx,
+                     "stepslab.num_coarse": str(train_ds.num_coarse)})
+    return {**tags,
         "stepslab.model": cfg.model, "stepslab.family": models.family_of(cfg.model),
         "stepslab.steps": "baseline" if widths is None else json.dumps(widths),
         "stepslab.dataset": cfg.dataset, "stepslab.dataset_fingerprint": train_ds.fingerprint,
