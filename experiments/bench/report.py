@@ -16,6 +16,9 @@ Metric names (MLflow run of kind ``bench``; <model> is the Steps model unless sa
     peak.tflops                           measured matmul peak (TFLOP/s)
     probe.fit_s.<sklearn|torch>, probe.acc.<sklearn|torch>, probe.acc_gap
     probe_run.cold_s | .cached_s       `probe run --path all` on the frozen demo model (section probe_run)
+    scale.extract_ips.<1|2>, scale.extract_speedup, scale.extract_identical   sharded extraction, 1 and 2
+                                          torchrun processes (section scale); scale.rss_kb_per_image,
+                                          scale.data_wait_share (probe train on generated JPEG folders)
     attr.ig32.ips, attr.ig32.efficiency   (the number is --ig-steps)
     compile.<name>.<train|infer>.compile_s | .graphs | .frames | .graph_breaks; compile.<model>.<phase>.recompiles
 """
@@ -184,6 +187,8 @@ def markdown(rep: dict) -> str:
               f"| cold (extraction + probes) | {p['cold_s']:.0f} | {TARGET_PROBE_RUN_S['cold_s']:.0f} |",
               f"| features cached (probes only) | {p['cached_s']:.0f} | {TARGET_PROBE_RUN_S['cached_s']:.0f} |",
               "", f"dol.acc of that run: {p['dol_acc']:+.3f}.", ""]
+    if rep.get("scale"):
+        L += _scale_markdown(rep["scale"])
     if rep.get("attribution"):
         a = rep["attribution"]
         L += [f"## Attribution: integrated gradients, {a['ig_steps']} steps, merge point of {a['model']}", "",
@@ -306,6 +311,16 @@ def metrics_of(rep: dict) -> dict[str, float]:
     if rep.get("probe_run"):
         for key in ("cold_s", "cached_s"):
             m[f"probe_run.{key}"] = rep["probe_run"][key]
+    if rep.get("scale"):
+        e = rep["scale"]["extraction"]
+        m.update({"scale.extract_ips.1": e["ips_1"], "scale.extract_ips.2": e["ips_2"],
+                  "scale.extract_speedup": e["speedup"], "scale.extract_identical": float(e["identical"])})
+        mem = rep["scale"].get("memory")
+        if mem:
+            m["scale.rss_kb_per_image"] = mem["kb_per_image"]
+            shares = [s for s in mem.get("data_wait_share") or [] if s is not None]
+            if shares:
+                m["scale.data_wait_share"] = max(shares)
     if rep.get("attribution"):
         a = rep["attribution"]
         m[f"attr.ig{a['ig_steps']}.ips"] = a["ips"]
@@ -346,3 +361,22 @@ def write(rep: dict, out: Path) -> Path:
         tmp.write_text(text)
         os.replace(tmp, stem.with_suffix(suffix))
     return stem
+
+
+def _scale_markdown(sc: dict) -> list[str]:
+    """The scale section: sharded extraction with 1 and 2 processes, peak memory against folder size."""
+    e = sc["extraction"]
+    L = [f"## Scale: sharded feature extraction ({e['model']}, {e['n']} generated images, shards of "
+         f"{e['shard_size']}, one thread per process)", "",
+         "| processes | images/s |", "|---|---|", f"| 1 | {e['ips_1']:.0f} |", f"| 2 | {e['ips_2']:.0f} |", "",
+         f"Speed-up {e['speedup']:.2f}x; caches byte-identical: {'yes' if e['identical'] else 'NO'}.", ""]
+    mem = sc.get("memory")
+    if mem:
+        L += [f"Peak RSS of `{mem['command']}` ({mem['img']} px JPEG folders):", "",
+              "| train images | peak RSS, process tree (MiB) | main process (MiB) |", "|---|---|---|"]
+        L += [f"| {r['n']} | {r['tree_mib']:.0f} | {r['main_mib']:.0f} |" for r in mem["rows"]]
+        shares = [s for s in mem.get("data_wait_share") or [] if s is not None]
+        wait = ", ".join(f"{s:.0%}" for s in shares) if shares else mem.get("data_wait_note", "not logged")
+        L += ["", f"Growth per extra image: {mem['kb_per_image']:.1f} KB (target <= 25 KB). Data-wait share of "
+              f"the training step: {wait}.", ""]
+    return L

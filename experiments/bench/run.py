@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from experiments.bench import attribution, compiled, graphs, overhead, paths, probe, probe_run, profile, throughput
+from experiments.bench import (attribution, compiled, graphs, overhead, paths, probe, probe_run, profile, scale,
+                               throughput)
 from experiments.bench.harness import Pair, Setup, build, elapsed, free, log, optional, slug
 from experiments.bench.machine import contention, matmul_peak
 from experiments.bench.report import markdown, write
@@ -27,7 +28,7 @@ PAIR_SECTIONS: dict[str, Callable[[Pair, Setup], dict]] = {
     "graphs": graphs.run}
 # The sections run once, after the pairs, each with its own options (see Plan): probe.run, attribution.run,
 # compiled.run.
-ONCE_SECTIONS = ("probe", "attribution", "compile", "probe_run")
+ONCE_SECTIONS = ("probe", "attribution", "compile", "probe_run", "scale")
 SECTIONS = (*PAIR_SECTIONS, *ONCE_SECTIONS)
 DEFAULT_SECTIONS = ("throughput", "overhead", "paths", "profile", "probe", "attribution")
 COMPILE_NEED_S = {"cuda": 90.0, "cpu": 120.0}  # least budget left to start compiling a pair (partials are kept)
@@ -190,6 +191,9 @@ def _once(rep: dict, setup: Setup, plan: Plan) -> None:
         write(rep, plan.out)
     if "probe_run" in plan.sections:  # not by budget: the point is the whole loop's time
         rep["probe_run"] = _guarded(rep, setup, "probe_run", lambda: probe_run.run(setup, notes))
+    if "scale" in plan.sections:  # on request only: it starts torchrun jobs and trains on generated folders
+        rep["scale"] = _guarded(rep, setup, "scale", lambda: scale.run(setup, notes))
+        write(rep, plan.out)
     if "attribution" in plan.sections:
         if setup.left() > 5:
             rep["attribution"] = _guarded(rep, setup, "attribution", lambda: attribution.run(
