@@ -377,6 +377,7 @@ def _scale_markdown(sc: dict) -> list[str]:
         L += [f"| {r['n']} | {r['tree_mib']:.0f} | {r['main_mib']:.0f} |" for r in mem["rows"]]
         shares = [s for s in mem.get("data_wait_share") or [] if s is not None]
         wait = ", ".join(f"{s:.0%}" for s in shares) if shares else mem.get("data_wait_note", "not logged")
-        L += ["", f"Growth per extra image: {mem['kb_per_image']:.1f} KB (target <= 25 KB). Data-wait share of "
-              f"the training step: {wait}.", ""]
+        main = f", main process {mem['kb_per_image_main']:.1f} KB" if "kb_per_image_main" in mem else ""
+        L += ["", f"Growth per extra image: process tree {mem['kb_per_image']:.1f} KB{main} (target <= 25 KB). "
+              f"Data-wait share of the training step: {wait}.", ""]
     return L

@@ -106,11 +106,15 @@ def memory(sizes: tuple[int, int] = (200, 1000), img: int = 224, steps: int = 20
                 raise RuntimeError(f"probe train on {n} images exited {rc}")
             res["rows"].append({"n": n, "tree_mib": tree / 1024, "main_mib": main_kb / 1024})
         (a, b) = res["rows"][0], res["rows"][-1]
+        # KB (1000 bytes) per extra image; the tree's sum moves with the workers' lifetimes, so both are kept.
         res["kb_per_image"] = (b["tree_mib"] - a["tree_mib"]) * 1024 * 1.024 / (b["n"] - a["n"])
+        res["kb_per_image_main"] = (b["main_mib"] - a["main_mib"]) * 1024 * 1.024 / (b["n"] - a["n"])
         try:  # the data-wait share each run logged, read back from the temporary store
             client = MlflowClient(f"sqlite:///{home / 'mlruns' / 'mlflow.db'}")
             runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-            res["data_wait_share"] = [r.data.metrics.get("data_wait_share") for r in runs]
+            res["data_wait_share"] = [r.data.metrics.get("final/data_wait_share",
+                                                          r.data.metrics.get("train/data_wait_share"))
+                                      for r in runs]
         except Exception as exc:  # noqa: BLE001 - a missing number is a note, not a failed section
             res["data_wait_share"] = None
             res["data_wait_note"] = f"not read back ({type(exc).__name__})"

@@ -151,3 +151,24 @@ def test_two_gloo_processes_write_the_same_files_as_one_and_a_killed_run_resumes
     assert len(files1) == 2 * 5 + 1  # 40 examples in 5 shards of 8, two sites, the manifest
     for name in files1:
         assert (d1 / name).read_bytes() == (d2 / name).read_bytes(), name
+
+
+def test_streaming_dataset_extracts_through_its_loader(steps, ds):
+    """A dataset with `loader` (experiments.streaming) is read through it, shard by shard, in index order."""
+    from PIL import Image
+
+    from experiments.streaming import StreamingImages
+
+    def read(i):
+        return Image.fromarray(ds.images[i, 0].numpy())
+
+    def transform(img):
+        return ds.normalise(torch.from_numpy(np.array(img))[None])
+
+    stream = StreamingImages(read, [str(i) for i in range(len(ds))], ds.fine.numpy(), name=ds.name, split=ds.split,
+                             fine_names=ds.fine_names, coarse_names=ds.coarse_names,
+                             fine_to_coarse=ds.fine_to_coarse, img_size=ds.img_size, in_chans=ds.in_chans,
+                             mean=ds.mean, std=ds.std, transform=transform)
+    out = extract_sharded(steps, stream, ["final"], shard_size=16, batch_size=8, device="cpu")
+    ref = extract(steps, ds, ["final"], batch_size=8, cache=False)["final"]
+    np.testing.assert_array_equal(out["final"].load(), ref)
