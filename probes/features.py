@@ -64,8 +64,8 @@ from probes.choices import DTYPES, POOLS
 from probes.runtime import LabeledImages, batches, resolve_device
 from probes.shards import ShardedArray, extract_shards, shard_dir
 
-__all__ = ["POOLS", "FeatureError", "FeatureSpec", "extract", "extract_sharded", "feature_bytes", "feature_specs", "feature_names",
-           "block_features", "paired_steps_model", "model_hash", "cache_dir"]
+__all__ = ["POOLS", "FeatureError", "FeatureSpec", "extract", "extract_sharded", "feature_bytes", "feature_specs",
+           "feature_names", "block_features", "paired_steps_model", "model_hash", "cache_dir"]
 
 _MAGIC = b"STEPSLAB-FEATURES-1\n"
 _log = logging.getLogger(__name__)

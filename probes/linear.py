@@ -320,11 +320,25 @@ def stream_standardiser(x, mask: np.ndarray | None = None) -> Standardiser:
     return Standardiser(mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
 
 
+_GATHER_BYTES = 256 << 20  # selected rows below this are gathered once instead of re-read on every L-BFGS step
+
+
+def _compact(x, mask: np.ndarray | None):
+    """(x, mask), or the selected rows gathered into one array when they are small: the online MDL's early
+    prefixes are a few rows of the shards, and re-reading every shard per solver step to find them is waste."""
+    n_rows = len(x) if mask is None else int(mask.sum())
+    if not hasattr(x, "chunks") or n_rows * int(np.prod(x.shape[1:])) * 4 > _GATHER_BYTES:
+        return x, mask
+    parts = list(_rows(x, mask))
+    return (np.concatenate(parts) if parts else np.empty((0, int(np.prod(x.shape[1:]))), np.float32)), None
+
+
 def _fit_torch_stream(x, mask: np.ndarray | None, st: Standardiser, y: np.ndarray, Cs: tuple[float, ...],
                       n_classes: int, seed: int, init: tuple[np.ndarray, np.ndarray] | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
     """`_fit_torch` on the selected rows of `x` (standardised by `st`), the loss and gradient summed chunk by
     chunk; `y` holds the encoded labels of the selected rows in order."""
+    x, mask = _compact(x, mask)
     m, n, d = len(Cs), len(y), int(np.prod(x.shape[1:]))
     if init is None:
         g = torch.Generator().manual_seed(seed)

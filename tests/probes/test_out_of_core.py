@@ -9,6 +9,13 @@ from probes.measures import Labels, measure, pca_k, prequential_mdl
 from probes.shards import ShardedArray
 
 
+@pytest.fixture(autouse=True)
+def chunked(monkeypatch):
+    """Stream every solve chunk by chunk (small selections are otherwise gathered into memory first)."""
+    from probes import linear
+    monkeypatch.setattr(linear, "_GATHER_BYTES", 0)
+
+
 def _sharded(x: np.ndarray, size: int) -> ShardedArray:
     parts = tuple(x[i:i + size] for i in range(0, len(x), size))
     return ShardedArray(parts, x.shape, x.dtype)
@@ -40,6 +47,18 @@ def test_streamed_probe_is_the_in_memory_probe(data):
     one = fit_probe_streamed(_sharded(xtr, 10_000), ytr, xte, yte, C=mem.C)
     seven = fit_probe_streamed(_sharded(xtr, 7), ytr, xte, yte, C=mem.C)
     np.testing.assert_allclose(one.coef, seven.coef, atol=1e-4)
+
+
+def test_small_selections_are_gathered_with_the_same_result(data, monkeypatch):
+    from probes import linear
+
+    xtr, ytr, xte, yte = data
+    streamed = fit_probe_streamed(_sharded(xtr, 64), ytr, xte, yte, C=1.0)
+    monkeypatch.setattr(linear, "_GATHER_BYTES", 256 << 20)
+    gathered = fit_probe_streamed(_sharded(xtr, 64), ytr, xte, yte, C=1.0)
+    np.testing.assert_allclose(gathered.coef, streamed.coef, atol=2e-3)  # float rounding of the summed loss
+    assert abs(gathered.acc - streamed.acc) <= 1 / len(yte)
+    assert linear._compact(_sharded(xtr, 64), None)[1] is None
 
 
 def test_streamed_mdl_and_controls_match(data):
