@@ -31,6 +31,7 @@ probe sample and the images, not the training seed) and with one fit of one seed
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -70,7 +71,9 @@ def seed_ci(d: np.ndarray, level: float = 0.95) -> SeedCI:
         raise ValueError(f"d must be [seeds, fits, images], got shape {d.shape}")
     s, r, _ = d.shape
     seed_means = np.nanmean(d, axis=(1, 2))
-    per_image = np.nanmean(d, axis=(0, 1))
+    with warnings.catch_warnings():  # images never scored (all NaN) are dropped just below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_image = np.nanmean(d, axis=(0, 1))
     per_image = per_image[~np.isnan(per_image)]
     n = len(per_image)
     mean = float(np.mean(seed_means))
@@ -169,10 +172,13 @@ def planted_features(ltr: Labels, lte: Labels, *, theta: float, snr: float, widt
         fast = sqrt(snr) * ((1 - theta) u_fast[coarse] + (1 + theta) v_fast[fine]) + noise
     where u are coarse-class directions and v within-group detail directions (each fine class's v minus its
     group's mean v, so v carries no coarse information), random unit-norm vectors drawn from `model_seed` (a
-    new "model"). At theta = 0 the two paths have the same distribution, so the true DoL is exactly zero; as
-    theta grows the slow path carries more of the abstraction and the fast path more of the detail, so the DoL
-    grows with theta (its size in accuracy at a given N is what `power_curve` measures). `snr` is the squared
-    norm of each signal term at theta = 0 over the noise variance of one channel.
+    new "model"). With equal widths the two paths have the same distribution at theta = 0, so the true DoL is
+    exactly zero; as theta grows the slow path carries more of the abstraction and the fast path more of the
+    detail, so the DoL grows with theta (its size in accuracy at a given N is what `power_curve` measures).
+    Unequal widths are not a null: a finite-sample probe gains more from extra channels at one level than at
+    the other, so the wider path gets a DoL of its own (the bias the baseline's matched split, with the Steps
+    widths, controls for). `snr` is the squared norm of each signal term at theta = 0 over the noise variance
+    of one channel.
     """
     if not 0 <= theta < 1:
         raise ValueError(f"theta must be in [0, 1), got {theta}")
