@@ -122,6 +122,10 @@ class Config:
     planted_reps: int = field(default=6, metadata={"help": "Simulated studies per strength."})
     snr: float = field(default=0.0, metadata={"help": "Planted-feature SNR (0: calibrated to the Steps model's "
                                                       "fine probe accuracy)."})
+    model_options: tuple[str, ...] = field(default=(), metadata={"help": "create_model KEY=VALUE items for "
+                                                                         "all three models, e.g. patch_size=4."})
+    data_options: tuple[str, ...] = field(default=(), metadata={"help": "Dataset KEY=VALUE items, e.g. "
+                                                                        "img_size=64 for hierarchy."})
     smoke: bool = field(default=False, metadata={"help": "CPU smoke settings (minutes); same as --quick."})
     report_dir: str = field(default="", metadata={"help": "Also write dol.html/.pdf/.json here."})
     checkpoint_dir: str = field(default="checkpoints/dol", metadata={"help": "Training checkpoints."})
@@ -171,7 +175,7 @@ def check(cfg: Config) -> None:
 
 # Fields added after children were first recorded, with the value that changes nothing: left out of the keys
 # at that value, so older children keep their keys.
-_NEUTRAL = {"planted_epochs": 0}
+_NEUTRAL = {"planted_epochs": 0, "model_options": (), "data_options": ()}
 
 
 def _key(cfg: Config, stage: str, role: str, seed: int, fields: tuple[str, ...] | None = None) -> str:
@@ -221,8 +225,9 @@ def _cached_json(key: str) -> dict | None:
 def _train_cfg(cfg: Config, name: str, seed: int, key: str):
     from experiments.options import TrainConfig
 
-    options = {"n": cfg.train_limit} if cfg.dataset == "hierarchy" else {}
-    return TrainConfig(model=name, dataset=cfg.dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+    options = {**_options(cfg.data_options, "--data-options"),
+               **({"n": cfg.train_limit} if cfg.dataset == "hierarchy" else {})}
+    return TrainConfig(model_kwargs=_options(cfg.model_options, "--model-options"), model=name, dataset=cfg.dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        warmup_epochs=min(0.3, cfg.epochs / 4), augment=False, seed=seed,
                        limit=None if cfg.dataset == "hierarchy" else cfg.train_limit,
                        # the per-epoch evaluation only reports accuracy: 2000 images are plenty
@@ -230,6 +235,12 @@ def _train_cfg(cfg: Config, name: str, seed: int, key: str):
                        data_options=options, device=cfg.device,
                        checkpoint_dir=str(Path(cfg.checkpoint_dir) / key), fresh=True, register=False,
                        log_every=50)
+
+
+def _options(items: tuple[str, ...], what: str) -> dict:
+    from experiments.options import key_values
+
+    return key_values(list(items), what)
 
 
 def _load_trained(run_id: str, name: str, ds: LabeledImages, tcfg) -> torch.nn.Module:
@@ -550,14 +561,15 @@ def attribute_model(cfg: Config, role: str, seed: int, model: torch.nn.Module, t
 
 def _data(cfg: Config) -> tuple[LabeledImages, LabeledImages]:
     """The probe pool (train split) and the test set, the same for every seed (data seed 0)."""
+    options = _options(cfg.data_options, "--data-options")
     if cfg.dataset == "hierarchy":
         # Train images are generated from the seed: a pool drawn with another seed than any model's (1000)
         # keeps the probes' training images out of every model's training set.
-        pool = load_dataset("hierarchy", "train", seed=1000, n=cfg.probe_pool)
-        test = load_dataset("hierarchy", "test", seed=0, n=cfg.test_limit)
+        pool = load_dataset("hierarchy", "train", seed=1000, **{**options, "n": cfg.probe_pool})
+        test = load_dataset("hierarchy", "test", seed=0, **{**options, "n": cfg.test_limit})
         return pool, test
-    pool = load_dataset(cfg.dataset, "train", limit=cfg.probe_pool, seed=1000)
-    test = load_dataset(cfg.dataset, "test", limit=cfg.test_limit, seed=0)
+    pool = load_dataset(cfg.dataset, "train", limit=cfg.probe_pool, seed=1000, **options)
+    test = load_dataset(cfg.dataset, "test", limit=cfg.test_limit, seed=0, **options)
     return pool, test
 
 
