@@ -94,10 +94,8 @@ def prequential_mdl(x: np.ndarray, y: np.ndarray, n_classes: int, *, C: float | 
     pick = len(grid) // 2  # the first coded block: a middling C
     bits = np.empty(n)
     bits[:ends[0]] = np.log2(n_classes)
-    warm = None  # each block's probes start from the previous block's (same data, one block more)
     for start, stop in zip(ends, ends[1:]):
-        probas, warm = fit_proba_grid(x[:start], y[:start], x[start:stop], n_classes, Cs=grid, probe=probe,
-                                      seed=seed, init=warm)
+        probas, _ = fit_proba_grid(x[:start], y[:start], x[start:stop], n_classes, Cs=grid, probe=probe, seed=seed)
         cost = []
         for p in probas:
             p = (1 - _SMOOTH) * p + _SMOOTH / n_classes
