@@ -133,11 +133,13 @@ class Config:
     threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default)."})
 
 
-# The smoke settings: two seeds would give a t interval with ~1 degree of freedom, so three tiny seeds.
-SMOKE = dict(seeds=(0, 1, 2), epochs=2, train_limit=600, test_limit=400, probe_pool=600, n_probe=400, fits=2,
-             batch_size=32, lr=1.5e-3, random_splits=1, detail=False, merge=False, block_stride=4, attr_limit=24,
-             ig_steps=4,
-             planted_thetas=(0.0, 0.1, 0.3), planted_theta=0.3, planted_reps=2)
+# The smoke settings: two seeds would give a t interval with ~1 degree of freedom, so three tiny seeds; the
+# Steps model and the baseline train one epoch (the smoke checks the pipeline and the null), the planted model
+# six (about 190 steps of batch 16: its effect has to be there to be found), 1000 test images.
+SMOKE = dict(seeds=(0, 1, 2), epochs=1, planted_epochs=6, train_limit=500, test_limit=1000, probe_pool=600,
+             n_probe=400, fits=2, batch_size=16, lr=1.5e-3, random_splits=1, detail=False, merge=False,
+             block_stride=11, attr_limit=16, ig_steps=4, planted_thetas=(0.0, 0.3), planted_theta=0.3,
+             planted_reps=2)
 QUICK = SMOKE
 
 # Fields that do not change any result (left out of the children's keys).
@@ -296,14 +298,15 @@ def _pooled(t: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
 
 
 def explained_fraction(z: torch.Tensor, labels: torch.Tensor, parent: torch.Tensor | None = None) -> torch.Tensor:
-    """The fraction of the batch variance of features `z` [B, C] that the class means of `labels` explain
-    beyond those of `parent` (None: beyond the overall mean): sum_k n_k |mu_k - mu_parent(k)|^2 / sum |z - mu|^2.
+    """The fraction of the batch variance of features `z` [B, C] left within the `parent` groups (None: all of
+    it) that the class means of `labels` explain: sum_i |mu_label(i) - mu_parent(i)|^2 / sum_i |z_i - mu_parent(i)|^2.
 
-    Linear probes read class means, so driving this to zero hides `labels` from a linear probe (beyond
-    `parent`); it is scale-free, so the model cannot satisfy it by shrinking the features."""
-    total = (z - z.mean(0)).pow(2).sum().clamp_min(1e-8)
+    Linear probes read class means, so driving this to zero hides `labels` from a linear probe beyond what
+    `parent` tells. It is scale-free, and measured within the parent groups, so the model can neither shrink
+    the features nor spread the parent groups apart to satisfy it: only removing the labels' signal helps."""
     ref = z.mean(0, keepdim=True).expand_as(z) if parent is None else _class_means(z, parent)
-    return (_class_means(z, labels) - ref).pow(2).sum() / total
+    within = (z - ref).pow(2).sum().clamp_min(1e-8)
+    return (_class_means(z, labels) - ref).pow(2).sum() / within
 
 
 def _class_means(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
