@@ -34,8 +34,8 @@ Only the primary paths get MDL and the width controls; random matched splits and
 
 Memory (``--max-memory SIZE``, e.g. ``8G``): when the features of both splits would take more than SIZE in memory,
 they are extracted into sharded, memory-mapped caches (`probes.features.extract_sharded`; under torchrun each
-process extracts its shards) and the probes, online MDL and controls stream them chunk by chunk (same optimum as
-in memory; level ``detail`` stays in memory only). Without the option, or under the budget, nothing changes.
+process extracts its shards) and the probes, online MDL and controls stream them chunk by chunk with the torch
+solver (the in-memory ``--probe torch`` numbers up to float rounding; level ``detail`` stays in memory only). Without the option, or under the budget, nothing changes.
 The run records ``max_memory``, ``feature_bytes`` and ``streamed``.
 Artifacts: results.csv, results.json, confusion.png, depth.png (with --layers), probe_weights.npz.
 """

@@ -18,10 +18,10 @@ Features may be ``[N, C]`` or ``[N, T, C]`` (token features); the probe sees the
 Cross-entropy is reported in nats per test image.
 
 Out of core: `fit_probe_streamed` and `fit_proba_grid_streamed` take features that need not fit in memory (a
-`probes.shards.ShardedArray`, or anything with ``chunks()`` and ``shape``) and fit the same probe: the standardiser
-from streamed sums, then the same batched L-BFGS on the exact full-batch loss and gradient, accumulated chunk by
-chunk over the memory-mapped shards. Same objective, strictly convex, run to convergence: the same optimum as the
-in-memory fit up to float rounding.
+`probes.shards.ShardedArray`, or anything with ``chunks()`` and ``shape``) and fit the torch backend's probe: the
+standardiser from streamed sums, then the same L-BFGS (each C from the same seeded start, the same caps) on the
+exact full-batch loss and gradient, accumulated chunk by chunk over the memory-mapped shards: the in-memory
+``probe="torch"`` fit up to float rounding. (``auto`` picks sklearn for small features in memory.)
 """
 from __future__ import annotations
 
@@ -352,9 +352,10 @@ def _fit_torch_stream(x, mask: np.ndarray | None, st: Standardiser, y: np.ndarra
     chunk; `y` holds the encoded labels of the selected rows in order."""
     x, mask = _compact(x, mask)
     m, n, d = len(Cs), len(y), int(np.prod(x.shape[1:]))
-    if init is None:
-        g = torch.Generator().manual_seed(seed)
-        w0, b0 = 0.01 * torch.randn(m, n_classes, d, generator=g), torch.zeros(m, n_classes)
+    if init is None:  # the seeded start of `_fit_torch`, so both solvers take the same path
+        w0 = torch.stack([0.01 * torch.randn(d, n_classes, generator=torch.Generator().manual_seed(seed)).T
+                          for _ in Cs])
+        b0 = torch.zeros(m, n_classes)
     else:
         w0, b0 = torch.as_tensor(init[0]), torch.as_tensor(init[1])
     w = w0.permute(2, 0, 1).reshape(d, m * n_classes).contiguous()
@@ -383,6 +384,14 @@ def _fit_torch_stream(x, mask: np.ndarray | None, st: Standardiser, y: np.ndarra
     return coef, b.detach().view(m, n_classes).numpy()
 
 
+def _fit_stream(x, mask: np.ndarray | None, st: Standardiser, y: np.ndarray, Cs: tuple[float, ...],
+                n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each C its own streamed solve from the seeded start, as `_fit` does in memory (the solves stop at an
+    iteration cap at large C, so only the same path gives the same numbers)."""
+    fits = [_fit_torch_stream(x, mask, st, y, (C,), n_classes, seed) for C in Cs]
+    return np.concatenate([f[0] for f in fits]), np.concatenate([f[1] for f in fits])
+
+
 def _stream_proba(x, mask: np.ndarray | None, st: Standardiser, coef: np.ndarray, icpt: np.ndarray
                   ) -> np.ndarray:
     """Probabilities [n_selected, K] of one probe, computed chunk by chunk (only [N, K] is held)."""
@@ -391,8 +400,9 @@ def _stream_proba(x, mask: np.ndarray | None, st: Standardiser, coef: np.ndarray
 
 def fit_probe_streamed(x_train, y_train: np.ndarray, x_test, y_test: np.ndarray, *, C: float | None = None,
                        Cs: tuple[float, ...] = CS, val_frac: float = 0.2, seed: int = 0) -> ProbeFit:
-    """`fit_probe` (torch backend) on features streamed from chunks (a ShardedArray, or an array): the same
-    validation split, C choice, refit and scores; memory holds one chunk, the labels and [N, K] probabilities."""
+    """`fit_probe` with the torch backend on features streamed from chunks (a ShardedArray, or an array): the
+    same validation split, C choice, refit and scores; memory holds one chunk, the labels and [N, K]
+    probabilities. (In memory, ``auto`` picks sklearn for small features: compare with ``probe="torch"``.)"""
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise ValueError(f"features and labels differ in length: {len(x_train)}/{len(y_train)}, "
@@ -401,7 +411,6 @@ def fit_probe_streamed(x_train, y_train: np.ndarray, x_test, y_test: np.ndarray,
     if len(classes) < 2:
         raise UserError(f"probe needs at least 2 classes in the training labels, got {classes.tolist()}")
     ytr, K = _encode(y_train, classes), len(classes)
-    start = None
     if C is None:
         C = 1.0
         if len(Cs) == 1:
@@ -414,14 +423,14 @@ def fit_probe_streamed(x_train, y_train: np.ndarray, x_test, y_test: np.ndarray,
                 val[idx[:int(len(idx) * val_frac)]] = True
             if val.any() and not val.all():
                 st_a = stream_standardiser(x_train, ~val)
-                coef, icpt = _fit_torch_stream(x_train, ~val, st_a, ytr[~val], tuple(Cs), K, seed)
+                coef, icpt = _fit_stream(x_train, ~val, st_a, ytr[~val], tuple(Cs), K, seed)
                 yv = ytr[val]
                 scores = [-np.log(np.maximum(_stream_proba(x_train, val, st_a, coef[i], icpt[i])[
                     np.arange(len(yv)), yv], _EPS)).mean() for i in range(len(Cs))]
                 best = int(np.argmin(scores))
-                C, start = float(Cs[best]), (coef[best:best + 1], icpt[best:best + 1])
+                C = float(Cs[best])
     st = stream_standardiser(x_train, None)
-    coef, icpt = _fit_torch_stream(x_train, None, st, ytr, (C,), K, seed, start)
+    coef, icpt = _fit_stream(x_train, None, st, ytr, (C,), K, seed)
     coef, icpt = coef[0], icpt[0]
     proba = _stream_proba(x_test, None, st, coef, icpt)
     pred = classes[proba.argmax(1)]
@@ -434,8 +443,7 @@ def fit_probe_streamed(x_train, y_train: np.ndarray, x_test, y_test: np.ndarray,
 
 
 def fit_proba_grid_streamed(x, train: np.ndarray, evaluate: np.ndarray, y: np.ndarray, n_classes: int, *,
-                            Cs: tuple[float, ...] = CS, seed: int = 0,
-                            init: tuple[np.ndarray, np.ndarray] | None = None
+                            Cs: tuple[float, ...] = CS, seed: int = 0
                             ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
     """`fit_proba_grid` where train and eval rows are masks over the rows of one streamed `x` (labels `y` over
     all rows): the online MDL's growing prefixes without gathering them. Eval probabilities come in row order."""
@@ -445,10 +453,9 @@ def fit_proba_grid_streamed(x, train: np.ndarray, evaluate: np.ndarray, y: np.nd
     if len(classes) == 1:
         out = np.zeros((n_eval, n_classes), np.float64)
         out[:, classes[0]] = 1.0
-        return [out] * len(Cs), init
+        return [out] * len(Cs), None
     st = stream_standardiser(x, train)
-    start = None if init is None else (init[0][:, classes], init[1][:, classes])
-    coef, icpt = _fit_torch_stream(x, train, st, _encode(y_train, classes), tuple(Cs), len(classes), seed, start)
+    coef, icpt = _fit_stream(x, train, st, _encode(y_train, classes), tuple(Cs), len(classes), seed)
     probas = []
     for c in range(len(Cs)):
         out = np.zeros((n_eval, n_classes), np.float64)

@@ -121,11 +121,10 @@ def _mdl_streamed(x, y: np.ndarray, n_classes: int, *, C: float | None, Cs: tupl
     pick = len(grid) // 2
     bits = np.empty(n)
     bits[:ends[0]] = np.log2(n_classes)
-    warm = None
     for start, stop in zip(ends, ends[1:]):
         train, block = np.zeros(n, bool), np.zeros(n, bool)
         train[order[:start]], block[order[start:stop]] = True, True
-        probas, warm = fit_proba_grid_streamed(x, train, block, y, n_classes, Cs=grid, seed=seed, init=warm)
+        probas, _ = fit_proba_grid_streamed(x, train, block, y, n_classes, Cs=grid, seed=seed)
         at = np.searchsorted(np.flatnonzero(block), order[start:stop])  # storage order -> stream order
         cost = []
         for p in probas:

