@@ -165,6 +165,15 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def _size(nbytes: int) -> str:
+    """Bytes as a short binary size: 512.0 KiB, 3.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes} B"
+        nbytes /= 1024
+    return ""
+
+
 def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeReport:
     """Load the frozen model, extract features, probe, print the table, log one MLflow run of kind ``probe``."""
     levels = _check_choices(cfg)
@@ -196,10 +205,10 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
         streamed = need > budget
         params.update(max_memory=budget, feature_bytes=need, streamed=streamed)
         if streamed and cfg.level in ("detail", "all"):
-            raise UserError(f"--level {cfg.level} with features of {need / 2**30:.2f} GiB over --max-memory "
+            raise UserError(f"--level {cfg.level} with features of {_size(need)} over --max-memory "
                             f"{cfg.max_memory}: allowed: --level coarse, fine or both, or a larger --max-memory")
         if streamed:
-            echo(f"features need {need / 2**30:.2f} GiB > --max-memory {cfg.max_memory}: extracting into sharded "
+            echo(f"features need {_size(need)} > --max-memory {cfg.max_memory}: extracting into sharded "
                  "caches and streaming the probes from them")
     tags = {"stepslab.source_run_id": info.get("run_id"), "stepslab.model": name, "stepslab.dataset": dataset}
     with tracking.tracked_run("probe", params, tags=tags) as run:
