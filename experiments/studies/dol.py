@@ -386,7 +386,9 @@ def planted_model(cfg: Config, seed: int, ref: LabeledImages) -> tuple[torch.nn.
     from experiments import tracking
     from experiments.train import build_model, evaluate, load_data
 
-    key = _key(cfg, "train", "planted", seed, _TRAIN_FIELDS)
+    # "planted2": the recipe's version (penalties measured within the parent groups since v2); a new recipe
+    # must not reuse models trained by an older one.
+    key = _key(cfg, "train", "planted2", seed, _TRAIN_FIELDS)
     tcfg = _train_cfg(cfg, cfg.model, seed, key)
     train_ds, test_ds = load_data(tcfg)
     torch.manual_seed(seed)
