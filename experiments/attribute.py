@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from experiments import tracking
-from experiments.data import check_input, load_recorded
+from experiments.data import check_input, data_location, load_recorded
 from experiments.probe_run import check_class_counts
 from experiments.options import AttributeConfig
 from models.errors import UserError
@@ -115,9 +115,14 @@ def attribute(cfg: AttributeConfig, echo=print) -> AttributionResult:
               "internal_batch_size": cfg.internal_batch_size, "draws": cfg.draws, "max_delta": cfg.max_delta,
               "low_freq": LOW_FREQ, "baseline": "zero image (dataset mean colour)",
               "test_fingerprint": test_ds.fingerprint}
-    tags = {"stepslab.source_run_id": info.get("run_id") or "", "stepslab.model": name,
+    tags = {"stepslab.source_run_id": info.get("run_id") or "", **tracking.model_tags(name),
             "stepslab.dataset": dataset}
-    with tracking.tracked_run("attribute", params, tags=tags) as active:
+    with tracking.tracked_run("attribute", params, tags=tags,
+                              run_name=tracking.run_name("attribute", name, dataset, f"s{cfg.seed}", cfg.method,
+                                                         cfg.path)) as active:
+        tracking.log_dataset(test_ds, context="attribution", location=data_location(dataset, cfg.data_dir or
+                                                                                     info.get("data_dir")),
+                             subset=f"limit={cfg.limit} seed={cfg.seed}" if cfg.limit else "")
         res = run_attribution(net, train_ds, test_ds, cfg, model_name=name, log=tracking.log_metrics)
         tracking.log_dict_artifact(res.metrics, "summary.json")
         tracking.log_dict_artifact(res.tables["shares_by_class"], "tables/shares_by_class.json")

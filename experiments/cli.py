@@ -103,7 +103,8 @@ def _format_table(header: list[str], rows: list[list[str]]) -> str:
 def ui_cmd(tracking_uri: str | None, port: int, no_browser_hint: bool) -> None:
     """Start the MLflow UI on the tracking store and print the experiment's URLs; Ctrl-C stops it.
 
-    Prints the runs view of the experiment and, when runs exist, the compare-runs view of the newest ones.
+    Prints the runs view of the experiment, its probe runs sorted by dol.acc, and the compare-runs view of the
+    newest Steps probe run beside its baseline's (without such a pair: of the newest runs).
     """
     import signal
     import threading
@@ -125,14 +126,20 @@ def ui_cmd(tracking_uri: str | None, port: int, no_browser_hint: bool) -> None:
         hint(f"MLflow UI for {ui.uri} ...")
         ui.start()
         click.echo(ui.url)
+        if ui.probes_url:
+            click.echo(ui.probes_url)
         if ui.compare_url:
             click.echo(ui.compare_url)
         if not ui.started:
             hint(f"{ui.uri} is a tracking server with its own UI: nothing started here.")
             return
         port_used = ui.base_url.rsplit(":", 1)[1]
-        hint("above: the experiment's runs table" + (f", and the compare view of its newest {len(ui.run_ids)} "
-                                                     f"run(s) (at most {COMPARE_MAX_RUNS})" if ui.compare_url else ""))
+        hint("above: the experiment's runs table"
+             + (", its probe runs with the DoL columns" if ui.probes_url else "")
+             + (", and the newest Steps probe run beside its baseline's (each probe run's compare_dol.png draws "
+                "the two with their intervals)" if len(ui.pair_ids) == 2 else
+                f", and the compare view of its newest {len(ui.run_ids)} run(s) (at most {COMPARE_MAX_RUNS})"
+                if ui.compare_url else ""))
         hint(f"from another machine: ssh -L {port_used}:127.0.0.1:{port_used} <this host>, then the URL. "
              "Ctrl-C stops the server.")
         ui.wait()  # returns only by raising: the server died

@@ -137,6 +137,17 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | None = None
     return _load_hierarchy(split, limit, seed, **options)
 
 
+def data_location(name: str, data_dir: str | None) -> str | None:
+    """Where a dataset's files come from, as recorded in MLflow's dataset inputs: the folder given, Debian's
+    Fashion-MNIST folder, the Hugging Face hub id for CIFAR without a folder, None for generated data."""
+    if name == "hierarchy":
+        return None
+    if data_dir:
+        return str(Path(data_dir).resolve())
+    return {"fashion_mnist": FASHION_MNIST_DIR, "cifar10": "https://huggingface.co/datasets/uoft-cs/cifar10",
+            "cifar100": "https://huggingface.co/datasets/uoft-cs/cifar100"}.get(name)
+
+
 def open_dataset(name: str, split: str = "train", *, data_dir: str | None = None, limit: int | None = None,
                  seed: int = 0, mode: str = "auto", **options: Any):
     """One split for training: a `StreamingImages` (decoded on the fly) or a `LabeledImages` (in memory).

@@ -54,9 +54,10 @@ import torch
 from tqdm.auto import tqdm
 
 from experiments import tracking
-from experiments.data import check_input, load_recorded
+from experiments.data import check_input, data_location, load_recorded
 from experiments.options import ProbeConfig
 from models.errors import UserError
+from models.registry import is_steps
 from models.sites import channel_dim, forward_paths
 from probes.features import (POOLS, block_features, extract, extract_sharded, feature_bytes, feature_specs,
                              paired_steps_model)
@@ -210,8 +211,16 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
         if streamed:
             echo(f"features need {_size(need)} > --max-memory {cfg.max_memory}: extracting into sharded "
                  "caches and streaming the probes from them")
-    tags = {"stepslab.source_run_id": info.get("run_id"), "stepslab.model": name, "stepslab.dataset": dataset}
-    with tracking.tracked_run("probe", params, tags=tags) as run:
+    tags = {"stepslab.source_run_id": info.get("run_id"), **tracking.model_tags(name), "stepslab.dataset": dataset,
+            "stepslab.role": "steps" if is_steps(name) else "baseline"}
+    label = "slow|fast|full" if cfg.path == "all" else cfg.path
+    with tracking.tracked_run("probe", params, tags=tags, system_metrics=True,
+                              run_name=tracking.run_name("probe", name, dataset, f"s{cfg.seed}", label)) as run:
+        where = data_location(dataset, cfg.data_dir or info.get("data_dir"))
+        for ds, context, limit in ((train_ds, "probe training", cfg.limit), (test_ds, "probe evaluation",
+                                                                              cfg.test_limit)):
+            tracking.log_dataset(ds, context=context, location=where,
+                                 subset=f"limit={limit} seed={cfg.seed}" if limit else "")
         kw = dict(pool=cfg.pool, batch_size=cfg.batch_size, model_ref=str(info.get("uri") or ref), model_name=name,
                   random_splits=cfg.random_splits, split_seed=cfg.seed)
         get = extract_sharded if streamed else extract
@@ -242,8 +251,86 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
         table = format_table(rows, dol)
         echo(table)
         _log_artifacts(rows + depth_rows, dol, curves, fits, metrics, params, lte, depth_rows)
+        partner = partner_probe_run(name, dataset, exclude=run.info.run_id)
+        mine = {"run_id": run.info.run_id, "model": name, "metrics": metrics}
+        tracking.set_description(describe(name, dataset, cfg.seed, table, mine, partner))
+        if partner is not None:
+            pair = (mine, partner) if is_steps(name) else (partner, mine)
+            tracking.log_figure(compare_figure(*pair, dataset=dataset), "compare_dol.png")
+            tracking.log_dict_artifact({"steps": pair[0], "baseline": pair[1]}, "compare_dol.json")
         echo(f"probe run {run.info.run_id} (model {name}, frozen run {info.get('run_id')})")
+        other = tracking.model_tags(name).get("stepslab.pair", "").replace(name, "").replace(" vs ", "")
+        echo(f"beside {partner['model']}'s probe run {partner['run_id']} in the MLflow UI: probe ui" if partner else
+             f"probe {other} on {dataset} too, then see the two side by side: probe ui" if other else "")
     return ProbeReport(run.info.run_id, rows + depth_rows, dol, metrics, table, curves)
+
+
+DOL_METRICS = ("dol.acc", "dol.mdl", "dol.acc_pca")
+
+
+def partner_probe_run(name: str, dataset: str, exclude: str | None = None) -> dict | None:
+    """The newest FINISHED probe run of `name`'s pair partner (Steps model <-> its matched baseline) on
+    `dataset`: run id, model and metrics; None when there is none."""
+    pair = tracking.model_tags(name).get("stepslab.pair")
+    if pair is None:
+        return None
+    df = tracking.find_runs("probe", {"stepslab.pair": pair, "stepslab.dataset": dataset})
+    if df.empty:
+        return None
+    df = df[(df["status"] == "FINISHED") & (df["tags.stepslab.model"] != name) & (df["run_id"] != exclude)]
+    if df.empty:
+        return None
+    row = df.iloc[0]
+    metrics = {c[len("metrics."):]: float(v) for c, v in row.items() if c.startswith("metrics.") and v == v}
+    return {"run_id": row["run_id"], "model": row["tags.stepslab.model"], "metrics": metrics}
+
+
+def _dol_text(metrics: dict, key: str) -> str:
+    if key not in metrics:
+        return "-"
+    lo, hi = metrics.get(f"{key}.ci_low"), metrics.get(f"{key}.ci_high")
+    return f"{metrics[key]:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None else "")
+
+
+def describe(name: str, dataset: str, seed: int, table: str, mine: dict, partner: dict | None) -> str:
+    """The probe run's note in the UI (Markdown): the result table, and its DoL beside its partner's."""
+    role = "Steps model" if is_steps(name) else "baseline, matched channel splits: the null"
+    # The first line is what the runs table's Description column shows: plain words, the headline number.
+    lines = [f"{name} ({role}) probed on {dataset}, seed {seed}: dol.acc {_dol_text(mine['metrics'], 'dol.acc')}.",
+             "", "```", table, "```", ""]
+    if partner is not None:
+        steps, base = (mine, partner) if is_steps(name) else (partner, mine)
+        lines += [f"Division of labour, Steps beside its baseline (probe run `{partner['run_id']}`):", "",
+                  f"| metric | {steps['model']} | {base['model']} (null) |", "|---|---|---|"]
+        lines += [f"| {k} | {_dol_text(steps['metrics'], k)} | {_dol_text(base['metrics'], k)} |"
+                  for k in DOL_METRICS]
+    else:
+        lines.append("No probe run of the partner model on this dataset yet: probe it to see the two side by side.")
+    return "\n".join(lines) + "\n"
+
+
+def compare_figure(steps: dict, base: dict, *, dataset: str):
+    """The DoL metrics of a Steps probe run beside its baseline's, with their 95% intervals (one panel each)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in DOL_METRICS if k in steps["metrics"] or k in base["metrics"]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, (run, colour) in enumerate(((steps, "C0"), (base, "C7"))):
+            m = run["metrics"]
+            if key not in m:
+                continue
+            lo, hi = m.get(f"{key}.ci_low", m[key]), m.get(f"{key}.ci_high", m[key])
+            ax.errorbar([i], [m[key]], yerr=[[m[key] - lo], [hi - m[key]]], fmt="o", color=colour, capsize=4)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks([0, 1], [steps["model"], base["model"] + "\n(null)"], fontsize=8)
+        ax.set_xlim(-0.6, 1.6)
+        ax.set_title(key)
+    fig.suptitle(f"division of labour on {dataset}: Steps beside its baseline (95% CI)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def check_enough_data(model, train_ds, levels: list[str], paths: dict[str, str], full: set[str], *, name: str,

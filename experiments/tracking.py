@@ -58,10 +58,13 @@ __all__ = [
     "TrackingError", "resolve_tracking_uri", "configure", "tracked_run", "log_metrics", "log_dict_artifact",
     "log_figure", "register_frozen", "load_frozen", "newest_frozen", "resolve_frozen", "find_runs", "check_uri",
     "get_run", "logged_steps", "build_model", "read_json_artifact", "download_run_file", "FROZEN_FORMAT",
-    "read_weights", "find_pretrained", "sha256_file", "check_state",
+    "read_weights", "find_pretrained", "sha256_file", "check_state", "run_name", "model_tags", "log_dataset",
+    "set_description",
 ]
 
 _log = logging.getLogger(__name__)
+# MLflow's system-metrics monitor announces its start and stop at INFO on every run: noise in a CLI's output.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 KIND_TAG = "stepslab.kind"
 MODEL_TAG = "stepslab.model"  # on registered model versions: model_info["model"], searched by newest_frozen
@@ -274,7 +277,8 @@ def _resume_params_and_tags(old: Any, flat: dict[str, str], env_tags: dict[str, 
 
 @contextlib.contextmanager
 def tracked_run(kind: str, params: dict, *, tags: dict | None = None, run_id: str | None = None,
-                run_name: str | None = None, parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+                run_name: str | None = None, parent_run_id: str | None = None,
+                system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Open ONE MLflow run for a CLI command (`kind`: train/probe/attribute/study/figures/bench ...).
 
     New run: logs `params` flattened (``a.b`` keys, stringified, long values truncated) and tags
@@ -289,7 +293,8 @@ def tracked_run(kind: str, params: dict, *, tags: dict | None = None, run_id: st
     ending it is found and closed by the next command.
 
     If MLflow already has an active run, the new run is nested under it (a `parent_run_id` other than the
-    active run is refused by MLflow).
+    active run is refused by MLflow). `system_metrics`: MLflow's CPU/memory (and GPU, where present) sampling
+    for the run's duration, so a slow training or extraction shows why.
     """
     _ensure_configured()
     client = MlflowClient()
@@ -301,7 +306,7 @@ def tracked_run(kind: str, params: dict, *, tags: dict | None = None, run_id: st
     user_tags = {k: str(v) for k, v in (tags or {}).items()}
     if run_id is None:
         active = mlflow.start_run(experiment_id=_state["experiment_id"], run_name=run_name, nested=nested,
-                                  parent_run_id=parent_run_id,
+                                  parent_run_id=parent_run_id, log_system_metrics=system_metrics,
                                   tags={KIND_TAG: kind, **env_tags, **proc_tags, **user_tags})
         old = None
     else:
@@ -310,7 +315,8 @@ def tracked_run(kind: str, params: dict, *, tags: dict | None = None, run_id: st
         except MlflowException:
             raise TrackingError(f"run {run_id}: not found in {_state['uri']} (list runs with: probe runs)"
                                 ) from None
-        active = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id)
+        active = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id,
+                                  log_system_metrics=system_metrics)
         mlflow.set_tags({**proc_tags, _runs.REASON_TAG: ""})  # this process runs it now
 
     # Signal handlers can only be installed from the main thread; elsewhere SIGTERM keeps its handler.
@@ -355,6 +361,61 @@ def tracked_run(kind: str, params: dict, *, tags: dict | None = None, run_id: st
                 raise TrackingError(f"run {active.info.run_id}: could not be ended ({_short(exc)})") from None
             # An exception is already propagating; do not mask it.
             _log.warning("run %s: could not be marked %s (%s)", active.info.run_id, status, _short(exc))
+
+
+def run_name(kind: str, *parts: object) -> str:
+    """A run name a person can read in the UI: the kind, then what the run is about, e.g.
+    ``train steps_deit_micro fashion_mnist s0`` or ``probe steps_deit_micro fashion_mnist s0 slow|fast|full``."""
+    return " ".join([kind, *(str(p) for p in parts if p is not None and str(p) != "")])
+
+
+def model_tags(name: str) -> dict[str, str]:
+    """Tags to group runs by in the UI: model, family, and pair (the Steps model and its matched baseline, the
+    same value on both sides, so a filter on it shows the comparison)."""
+    from models.registry import BASELINE_OF, family_of
+
+    steps = name if name in BASELINE_OF else next((s for s, b in BASELINE_OF.items() if b == name), None)
+    tags = {"stepslab.model": name, "stepslab.family": family_of(name)}
+    if steps is not None:
+        tags["stepslab.pair"] = f"{steps} vs {BASELINE_OF[steps]}"
+    return tags
+
+
+def log_dataset(ds: Any, *, context: str, location: str | None = None, subset: str = "") -> None:
+    """Record one split as an MLflow dataset input of the active run (the UI's Dataset column and filter).
+
+    name ``<dataset>/<split>``; digest = the split's fingerprint, the very key of the feature cache; source = the
+    folder its files came from (`location`), or the generator for generated data; tags: split, examples and
+    `subset` (e.g. ``limit=2000 seed=0``) where only part of the split was used.
+    """
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    _require_run("log_dataset")
+    if location and location.startswith(("http://", "https://")):
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+        source = HTTPDatasetSource(location)
+    elif location:
+        with warnings.catch_warnings():  # MLflow warns when it guesses the source type; a local folder is meant
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(location))
+    else:
+        source = CodeDatasetSource({"generator": f"experiments.data {ds.name}"})
+    dataset = MetaDataset(source, name=f"{ds.name}/{ds.split}", digest=ds.fingerprint)
+    tags = {"split": ds.split, "examples": str(len(ds))}
+    if subset:
+        tags["subset"] = subset
+    mlflow.log_input(dataset, context=context, tags=tags)
+
+
+def set_description(markdown: str) -> None:
+    """The active run's description (MLflow's note, shown on the run page and in the runs table)."""
+    _require_run("set_description")
+    mlflow.set_tag("mlflow.note.content", markdown)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -63,7 +63,8 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import models  # noqa: E402
-from experiments.data import DATASETS, DataError, LabeledImages, augment_batch, batches, open_dataset  # noqa: E402
+from experiments.data import (DATASETS, DataError, LabeledImages, augment_batch, batches, data_location,  # noqa: E402
+                              open_dataset)
 from experiments.streaming import StreamingImages  # noqa: E402
 from models.errors import UserError  # noqa: E402
 from experiments.options import FORBIDDEN_MODEL_KWARGS, DemoConfig, FreezeConfig, TrainConfig  # noqa: E402
@@ -712,14 +713,31 @@ def _tags(cfg: TrainConfig, model: nn.Module, train_ds: LabeledImages, test_ds: 
         approx = " (approximation)" if hierarchy["approximation"] else ""
         tags.update({"stepslab.hierarchy": hierarchy["grouping"] + approx,
                      "stepslab.num_coarse": str(train_ds.num_coarse)})
-    return {**tags,
-        "stepslab.model": cfg.model, "stepslab.family": models.family_of(cfg.model),
+    from experiments.tracking import model_tags
+
+    return {**tags, **model_tags(cfg.model),
         "stepslab.steps": "baseline" if widths is None else json.dumps(widths),
         "stepslab.dataset": cfg.dataset, "stepslab.dataset_fingerprint": train_ds.fingerprint,
         "stepslab.test_fingerprint": test_ds.fingerprint,
         "stepslab.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "stepslab.world_size": str(dist.world_size),
     }
+
+
+def _subset(limit: int | None, seed: int) -> str:
+    """How a split was cut down, for its dataset input ('' when whole)."""
+    return f"limit={limit} seed={seed}" if limit else ""
+
+
+def _description(cfg: TrainConfig, metrics: dict, stopped: str | None) -> str:
+    """The run's note in the UI: what was trained, on what, and how it scored (Markdown)."""
+    role = "Steps model" if models.is_steps(cfg.model) else "baseline"
+    rows = "\n".join(f"| {k} | {metrics[k]:.4f} |" for k in ("fine_acc", "coarse_acc", "test_loss")
+                     if k in metrics)
+    state = f"stopped early ({stopped}); resume with `--resume`" if stopped else "finished"
+    return (f"{cfg.model} ({role}) trained on {cfg.dataset}, seed {cfg.seed}: {state}, "
+            f"{metrics.get('steps', 0):.0f} steps, fine acc {metrics.get('fine_acc', float('nan')):.4f}."
+            f"\n\n| metric | value |\n|---|---|\n{rows}\n")
 
 
 def _params(cfg: TrainConfig) -> dict:
@@ -826,7 +844,9 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
     if dist.main:
         run_ctx = tracking.tracked_run("train", _params(cfg), tags=_tags(cfg, state.model, train_ds, test_ds,
                                                                            device, dist),
-                                       run_id=ckpt["run_id"] if ckpt is not None else None)
+                                       run_id=ckpt["run_id"] if ckpt is not None else None,
+                                       run_name=tracking.run_name("train", cfg.model, cfg.dataset, f"s{cfg.seed}"),
+                                       system_metrics=True)
     with run_ctx as run:
         run_id = run.info.run_id if run is not None else None
         # A resumed run re-trains the steps between its checkpoint and where it died; they were logged
@@ -841,6 +861,12 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
                 _echo(f"resuming run {run_id} from {path} (epoch {state.epoch}, step {state.step})", dist)
                 log({"resumed_at_step": state.step}, state.step)
             tracking.log_dict_artifact(cfg.to_dict(), "config.json")
+            if ckpt is None:
+                where = data_location(cfg.dataset, cfg.data_dir)
+                tracking.log_dataset(train_ds, context="training", location=where,
+                                     subset=_subset(cfg.limit, cfg.seed))
+                tracking.log_dataset(test_ds, context="evaluation", location=where,
+                                     subset=_subset(cfg.test_limit, cfg.seed))
             if _hierarchy(train_ds):  # which WordNet groups the coarse labels are: the run's own record
                 tracking.log_dict_artifact(_hierarchy(train_ds), "hierarchy.json")
         on_log = log if run is not None else None
@@ -884,6 +910,7 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
                    "images_per_s": state.images * dist.world_size / max(state.train_time_s, 1e-9),
                    "data_wait_share": state.wait_s / max(state.train_time_s, 1e-9)}
         tracking.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=state.step)
+        tracking.set_description(_description(cfg, metrics, stopped))
         _log_final_artifacts(tracking, state, path, cfg)
         model_uri = None
         if cfg.register and stopped is None:
@@ -971,8 +998,9 @@ def freeze(cfg: FreezeConfig, echo: Callable[[str], None] = print) -> str:
         raise UserError(f"checkpoint {shown} does not fit {tcfg.model}({info['create_kwargs']}): "
                         f"{(str(exc).splitlines() or [''])[0]}") from None
     params = {"source_run_id": run_id, "checkpoint": str(shown), "step": ckpt["step"], "epoch": ckpt["epoch"]}
-    tags = {"stepslab.source_run_id": run_id, "stepslab.model": tcfg.model, "stepslab.dataset": tcfg.dataset}
-    with tracking.tracked_run("freeze", params, tags=tags):
+    tags = {"stepslab.source_run_id": run_id, **tracking.model_tags(tcfg.model), "stepslab.dataset": tcfg.dataset}
+    with tracking.tracked_run("freeze", params, tags=tags,
+                              run_name=tracking.run_name("freeze", tcfg.model, tcfg.dataset, f"s{tcfg.seed}")):
         uri = tracking.register_frozen(model.eval(), f"{tcfg.model}-{tcfg.dataset}", model_info=info)
     note = "" if complete else f" (stopped early at epoch {ckpt['epoch']}, step {ckpt['step']})"
     echo(f"froze run {run_id} from {shown}{note}: {uri}")
@@ -1023,9 +1051,10 @@ def freeze_pretrained(cfg: FreezeConfig, echo: Callable[[str], None] = print) ->
                            "tag": pcfg.get("tag")}, "metrics": {}}
     params = {"model": cfg.model, "pretrained": True, "weights": str(source), "weights_sha256": digest,
               "model_kwargs": dict(cfg.model_kwargs)}
-    tags = {"stepslab.model": cfg.model, "stepslab.dataset": cfg.dataset, "stepslab.pretrained": "true",
+    tags = {**tracking.model_tags(cfg.model), "stepslab.dataset": cfg.dataset, "stepslab.pretrained": "true",
             "stepslab.weights_sha256": digest}
-    with tracking.tracked_run("freeze", params, tags=tags):
+    with tracking.tracked_run("freeze", params, tags=tags,
+                              run_name=tracking.run_name("freeze", cfg.model, "pretrained")):
         uri = tracking.register_frozen(model.eval(), f"{cfg.model}-pretrained", model_info=info)
     echo(f"froze the pretrained weights {source} (sha256 {digest[:12]}...) of {cfg.model}: {uri}")
     return uri

@@ -35,7 +35,7 @@ from experiments.tracking import (TrackingError, _default_root, _short, _sqlite_
                                   resolve_tracking_uri)
 from models.errors import UserError
 
-__all__ = ["UIServer", "serve_ui", "compare_url"]
+__all__ = ["UIServer", "serve_ui", "compare_url", "save_view", "view_url", "probe_pair"]
 
 HOST = "127.0.0.1"
 COMPARE_MAX_RUNS = 10  # the compare-runs link covers the newest runs only; the runs table shows them all
@@ -65,6 +65,49 @@ def compare_url(base_url: str, run_ids: list[str], experiment_id: str) -> str:
                                     "experiments": json.dumps([experiment_id])},
                                    quote_via=urllib.parse.quote)
     return f"{base_url.rstrip('/')}/#/compare-runs?{query}"
+
+
+PROBE_FILTER = "tags.`stepslab.kind` = 'probe'"
+# The columns of the DoL views: the dataset, the run's note (its result and verdict), each DoL with its interval.
+DOL_COLUMNS = (["attributes.`Dataset`", "attributes.`Description`"]
+               + [f"metrics.`{m}`" for m in ("dol.acc", "dol.acc.ci_low", "dol.acc.ci_high", "dol.mdl", "dol.mdl.ci_low",
+                                             "dol.mdl.ci_high", "dol.acc_pca", "dol.acc_pca.ci_low",
+                                             "dol.acc_pca.ci_high")]
+               + ["tags.`stepslab.pair`"])
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag the UI's own "Share" button writes
+
+
+def save_view(client, experiment_id: str, key: str, search_filter: str) -> str:
+    """Store a runs view (search filter, sorted by dol.acc, DOL_COLUMNS) as the UI's shared view state `key`.
+
+    The MLflow UI keeps its column choice in the browser; a shared view (an experiment tag, plain JSON) is the
+    one way a link can preset it: ``#/experiments/<id>/runs?viewStateShareKey=<key>`` (`view_url`)."""
+    state = {"searchFilter": search_filter, "orderByKey": "metrics.`dol.acc`", "orderByAsc": False,
+             "selectedColumns": DOL_COLUMNS}
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(state))
+    return key
+
+
+def view_url(base_url: str, experiment_id: str, key: str) -> str:
+    """The experiment's runs view opened on shared view `key` (see `save_view`)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={urllib.parse.quote(key)}"
+
+
+def probe_pair(client, experiment_id: str) -> list[str]:
+    """[newest finished Steps probe run, the newest finished probe run of its baseline on the same dataset]:
+    the comparison StepsLab exists for; shorter when either is missing."""
+    def newest(clause: str):
+        runs = client.search_runs([experiment_id], f"{PROBE_FILTER} AND attributes.status = 'FINISHED' AND {clause}",
+                                  max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
+
+    steps = newest("tags.`stepslab.role` = 'steps'")
+    if steps is None:
+        return []
+    tags = steps.data.tags
+    base = newest(f"tags.`stepslab.role` = 'baseline' AND tags.`stepslab.pair` = '{tags.get('stepslab.pair')}' "
+                  f"AND tags.`stepslab.dataset` = '{tags.get('stepslab.dataset')}'")
+    return [steps.info.run_id] + ([base.info.run_id] if base is not None else [])
 
 
 def _tail(path: Path | None, lines: int = 8) -> str:
@@ -126,7 +169,10 @@ class UIServer:
     ``/health`` answers (at most `startup_timeout` s; a server that dies or never answers raises `TrackingError`
     with the last lines of its output). Attributes once started: ``base_url``, ``url`` (the experiment's runs
     view, or the UI's home when the experiment does not exist yet), ``experiment_id``, ``run_ids`` (newest
-    first, at most COMPARE_MAX_RUNS), ``compare_url`` (None without runs), ``started`` (False for a team server).
+    first, at most COMPARE_MAX_RUNS), ``pair_ids`` (`probe_pair`), ``compare_url`` (a runs view of that pair
+    with the DoL columns when both exist, else the UI's compare page of the newest runs; None without runs),
+    ``probes_url`` (the probe runs with the DoL columns, sorted by dol.acc; None without a Steps probe run),
+    ``started`` (False for a team server).
     ``stop()`` terminates the server's whole process group (SIGTERM, then SIGKILL after a grace period).
     """
 
@@ -142,7 +188,10 @@ class UIServer:
         self.url: str | None = None
         self.experiment_id: str | None = None
         self.run_ids: list[str] = []
+        self.pair_ids: list[str] = []
+        self.views: dict[str, str] = {}  # "probes" / "pair" -> shared view key
         self.compare_url: str | None = None
+        self.probes_url: str | None = None
         self.started = False
         self._proc: subprocess.Popen | None = None
         self._log_path: Path | None = None
@@ -170,6 +219,13 @@ class UIServer:
                 runs = client.search_runs([exp.experiment_id], max_results=COMPARE_MAX_RUNS,
                                           order_by=["attributes.start_time DESC"])
                 self.run_ids = [r.info.run_id for r in runs]
+                self.pair_ids = probe_pair(client, exp.experiment_id)
+                if self.pair_ids:
+                    self.views["probes"] = save_view(client, exp.experiment_id, "stepslab-probes", PROBE_FILTER)
+                if len(self.pair_ids) == 2:
+                    ids = ", ".join(f"'{r}'" for r in self.pair_ids)
+                    self.views["pair"] = save_view(client, exp.experiment_id, "stepslab-pair-" + "-".join(
+                        r[:8] for r in self.pair_ids), f"attributes.run_id IN ({ids})")
         except Exception as exc:  # noqa: BLE001 - sqlalchemy/requests errors come as many types
             if not remote:
                 raise TrackingError(f"tracking URI {self.uri}: cannot read the store ({_short(exc)})") from None
@@ -182,8 +238,14 @@ class UIServer:
             self.url = f"{self.base_url}/"
         else:
             self.url = f"{self.base_url}/#/experiments/{self.experiment_id}/runs"
-            if self.run_ids:
+            # The comparison opens on the newest Steps probe run beside its baseline's, DoL columns shown;
+            # without such a pair, on the UI's compare page of the newest runs.
+            if "pair" in self.views:
+                self.compare_url = view_url(self.base_url, self.experiment_id, self.views["pair"])
+            elif self.run_ids:
                 self.compare_url = compare_url(self.base_url, self.run_ids, self.experiment_id)
+            if "probes" in self.views:
+                self.probes_url = view_url(self.base_url, self.experiment_id, self.views["probes"])
 
     # ------------------------------------------------------------------------------------------ server
 

@@ -233,7 +233,8 @@ def track(rep: dict, stem: Path, notes: list[str]) -> str | None:
     from experiments import tracking
 
     params = {**rep["settings"], "device": rep["device"], "card": rep["card"], "dtype": rep["dtype"]}
-    with tracking.tracked_run("bench", params, tags={"stepslab.bench_device": rep["device"]}) as run:
+    with tracking.tracked_run("bench", params, tags={"stepslab.bench_device": rep["device"]},
+                              run_name=tracking.run_name("bench", rep["device"])) as run:
         tracking.log_metrics(rep["metrics"])
         tracking.log_dict_artifact(rep, f"bench-{rep['device']}.json")
         mlflow.log_text(stem.with_suffix(".md").read_text(), f"bench-{rep['device']}.md")

@@ -210,7 +210,12 @@ def study_run(name: str, cfg: Any) -> Iterator[Any]:
 
     params = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     threads = torch.get_num_threads()
-    with tracked_run("study", params, tags={"stepslab.study": name}, run_name=f"study-{name}") as run:
+    from experiments.tracking import model_tags, run_name
+
+    model, dataset = getattr(cfg, "model", None), getattr(cfg, "dataset", None)
+    tags = {"stepslab.study": name, **(model_tags(model) if model else {}),
+            **({"stepslab.dataset": dataset} if dataset else {})}
+    with tracked_run("study", params, tags=tags, run_name=run_name("study", name, model, dataset)) as run:
         _live.append(_LiveMetrics(run.info.run_id))
         if getattr(cfg, "threads", 0) > 0:
             torch.set_num_threads(cfg.threads)

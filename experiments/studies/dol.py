@@ -212,7 +212,7 @@ def _child(stage: str, role: str, seed: int, key: str, params: dict) -> Iterator
 
     tags = {"stepslab.study": "dol", "stepslab.dol.stage": stage, "stepslab.dol.model": role,
             "stepslab.dol.seed": seed, "stepslab.dol.key": key}
-    with tracked_run("study", params, tags=tags, run_name=f"dol-{stage}-{role}-seed{seed}") as run:
+    with tracked_run("study", params, tags=tags, run_name=f"dol {stage} {role} s{seed}") as run:
         yield run
 
 
@@ -649,6 +649,11 @@ def run(cfg: Config) -> dict:
                        baseline=BASELINE_OF[cfg.model], models=models_info)
         results["verdict"] = verdict(results)
         results["summary"] = summary(results)
+        from experiments.tracking import set_description
+        set_description(f"study dol: {cfg.model} beside {BASELINE_OF[cfg.model]} on {cfg.dataset}, seeds "
+                        f"{', '.join(map(str, cfg.seeds))}: {results['summary'][0].split(None, 1)[1]}."
+                        "\n\n```\n" + "\n".join(results["summary"])
+                        + f"\n```\n\n**Verdict.** {results['verdict']}\n")
         figs = dol_report_figures(results)
         finish("dol", results, figs["summary"], started)
         write_report(results, figs, cfg.report_dir)

@@ -1,5 +1,6 @@
-"""experiments.ui / `probe ui`: a real `mlflow server` on a throwaway SQLite store, read back over REST and
-rendered by headless Chromium (skipped only where no Chromium binary exists)."""
+"""experiments.ui / `probe ui`: a real `mlflow server` on a small real store (a Steps model and its baseline,
+trained, frozen and probed), rendered by headless Chromium: what a person sees in the runs view and the
+comparison (skipped only where no Chromium binary exists)."""
 from __future__ import annotations
 
 import json
@@ -8,13 +9,13 @@ import shutil
 import subprocess
 import sys
 import urllib.parse
-import urllib.request
-import uuid
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlflow import MlflowClient
 from PIL import Image
 
 from experiments import tracking, ui
@@ -39,65 +40,96 @@ def _server_pids(port: int) -> list[int]:
     return pids
 
 
-def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _chromium(tmp_path: Path, *args: str, size: str = "1400,900") -> subprocess.CompletedProcess:
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,900",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--window-size={size}",
            "--virtual-time-budget=15000", *args]
     # HOME too: Chromium keeps an NSS database under ~/.pki.
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90, env={**os.environ, "HOME": str(tmp_path)})
 
 
+def _train_and_probe_a_pair(tmp_path: Path) -> dict[str, str]:
+    """A small real store: Steps-DeiT-micro and DeiT-micro trained on hierarchy (10 steps each), frozen, and one
+    `probe run --path all` of each, the Steps model's second (so it finds its partner). Returns kind -> run id."""
+    runner, ids = CliRunner(), {}
+    mlflow.set_system_metrics_sampling_interval(0.5)  # training here takes seconds; MLflow samples every 10 s
+    mlflow.set_system_metrics_samples_before_logging(1)
+    try:
+        for model in ("steps_deit_micro", "deit_micro"):
+            res = runner.invoke(main, ["train", "--model", model, "--dataset", "hierarchy", "--epochs", "1",
+                                       "--limit", "320", "--test-limit", "160", "--batch-size", "32",
+                                       "--checkpoint-dir", str(tmp_path / "ckpt")], catch_exceptions=False)
+            assert res.exit_code == 0, res.output
+            ids[f"train {model}"] = tracking.find_runs("train", {"stepslab.model": model}).iloc[0]["run_id"]
+    finally:
+        mlflow.set_system_metrics_sampling_interval(None)
+        mlflow.set_system_metrics_samples_before_logging(None)
+    for model in ("deit_micro", "steps_deit_micro"):
+        res = runner.invoke(main, ["run", "--model", model, "--path", "all", "--limit", "320", "--test-limit", "160",
+                                   "--no-curves"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        ids[f"probe {model}"] = tracking.find_runs("probe", {"stepslab.model": model}).iloc[0]["run_id"]
+    assert f"beside deit_micro's probe run {ids['probe deit_micro']}" in res.output
+    return ids
+
+
 @pytest.mark.slow
-def test_serve_ui_shows_the_runs(store, tmp_path):
-    tag = uuid.uuid4().hex[:6]
-    names = {f"ui-alpha-{tag}": 0.25, f"ui-beta-{tag}": 0.75}
-    ids = {}
-    for name, acc in names.items():
-        with tracking.tracked_run("ui-test", {"lr": acc}, run_name=name) as run:
-            tracking.log_metrics({"acc": acc, "loss": 1 - acc})
-        ids[name] = run.info.run_id
-    exp_id = run.info.experiment_id
+def test_ui_shows_readable_runs_their_datasets_and_steps_beside_its_baseline(store, tmp_path):
+    ids = _train_and_probe_a_pair(tmp_path)
+    client = MlflowClient()
+    runs = {k: client.get_run(v) for k, v in ids.items()}
+    # What the runs list shows: names that say kind, model, dataset, seed (and path), tags to group by.
+    assert runs["train steps_deit_micro"].info.run_name == "train steps_deit_micro hierarchy s0"
+    assert runs["probe steps_deit_micro"].info.run_name == "probe steps_deit_micro hierarchy s0 slow|fast|full"
+    for run in runs.values():
+        assert run.data.tags["stepslab.pair"] == "steps_deit_micro vs deit_micro"
+        assert run.data.tags["stepslab.family"] == "deit" and run.data.tags["stepslab.dataset"] == "hierarchy"
+    # Datasets as inputs, with the data's fingerprint (the feature cache's key) as digest.
+    from experiments.data import load_dataset
+
+    train_ds = load_dataset("hierarchy", "train", limit=320, seed=0)
+    inputs = {(d.dataset.name, d.dataset.digest) for d in runs["probe steps_deit_micro"].inputs.dataset_inputs}
+    assert ("hierarchy/train", train_ds.fingerprint) in inputs and len(inputs) == 2
+    # System metrics on training; the note with the result table and the comparison on the probe run.
+    assert any(k.startswith("system/cpu_utilization") for k in runs["train steps_deit_micro"].data.metrics)
+    note = runs["probe steps_deit_micro"].data.tags["mlflow.note.content"]
+    assert note.startswith("steps_deit_micro (Steps model) probed on hierarchy, seed 0: dol.acc ")
+    assert "| dol.acc |" in note and "deit_micro (null)" in note
+    arts = {a.path for a in client.list_artifacts(ids["probe steps_deit_micro"])}
+    assert {"compare_dol.png", "compare_dol.json"} <= arts
+
     stray = ("mlartifacts", "mlruns", "mlflow.db")  # what an `mlflow server` started in the repo would write
     stray_before = {n for n in stray if (REPO / n).exists() or (Path.cwd() / n).exists()}
-
-    with ui.serve_ui() as url:
-        base, _, route = url.partition("/#")
-        assert base.startswith("http://127.0.0.1:") and route == f"/experiments/{exp_id}/runs"
-        port = int(base.rsplit(":", 1)[1])
+    with ui.UIServer() as server:
+        port = int(server.base_url.rsplit(":", 1)[1])
         assert len(_server_pids(port)) == 2  # `mlflow server` and ONE uvicorn process (--workers 1)
-
-        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
-                                     data=json.dumps({"experiment_ids": [exp_id], "max_results": 100}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            runs = json.load(resp)["runs"]
-        by_id = {r["info"]["run_id"]: r for r in runs}
-        assert set(ids.values()) <= set(by_id)
-        for name, run_id in ids.items():
-            assert by_id[run_id]["info"]["run_name"] == name
-            metrics = {m["key"]: m["value"] for m in by_id[run_id]["data"]["metrics"]}
-            assert metrics["acc"] == pytest.approx(names[name])
-
+        assert server.pair_ids == [ids["probe steps_deit_micro"], ids["probe deit_micro"]]
+        assert "viewStateShareKey=" in server.compare_url and "viewStateShareKey=" in server.probes_url
         if CHROMIUM is None:
-            pytest.skip("no chromium binary (apt-get install chromium): REST checked, screenshot skipped")
-        png = tmp_path / "ui.png"
-        # One browser run: screenshot and DOM after the React app has rendered the runs table from the REST API.
-        shot = _chromium(tmp_path, f"--screenshot={png}", "--dump-dom", url)
+            pytest.skip("no chromium binary (apt-get install chromium): the store checked, the browser skipped")
+        # What a person sees, after the React app has rendered the tables from the REST API.
+        png = tmp_path / "runs.png"
+        shot = _chromium(tmp_path, f"--screenshot={png}", "--dump-dom", server.url)
         assert png.is_file(), f"chromium wrote no screenshot: {shot.stderr[-2000:]}"
-        dom = shot.stdout
-        for name in names:
-            assert name in dom, f"run {name} not in the page's DOM ({len(dom)} chars)"
-
-    assert _server_pids(port) == [], "server processes outlived serve_ui"
+        for text in ("train steps_deit_micro hierarchy s0", "train deit_micro hierarchy s0",
+                     "probe steps_deit_micro hierarchy s0 slow|fast|full", "hierarchy/train"):
+            assert text in shot.stdout, f"{text!r} not in the runs view ({len(shot.stdout)} chars)"
+        pair_png = tmp_path / "pair.png"
+        pair = _chromium(tmp_path, f"--screenshot={pair_png}", "--dump-dom", server.compare_url, size="2400,900")
+        dom = pair.stdout
+        assert "probe deit_micro hierarchy s0" in dom
+        assert "probe steps_deit_micro hierarchy s0" in dom and "train steps_deit_micro" not in dom
+        for column in (">dol.acc<", ">dol.acc.ci_low<", ">dol.acc.ci_high<", "hierarchy/train",
+                       "steps_deit_micro (Steps model) probed on"):
+            assert column in dom, f"{column!r} not in the comparison view"
+    assert _server_pids(port) == [], "server processes outlived the UI"
     stray_after = {n for n in stray if (REPO / n).exists() or (Path.cwd() / n).exists()}
     assert stray_after <= stray_before, f"the server wrote {stray_after - stray_before} into the repo/cwd"
-
-    assert png.stat().st_size > 20_000
-    pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32)
-    assert pixels.shape[:2] == (900, 1400)
-    assert pixels.std() > 10, "screenshot is (nearly) a single colour"
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    for path, shape in ((png, (900, 1400)), (pair_png, (900, 2400))):
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        assert pixels.shape[:2] == shape and pixels.std() > 10, "screenshot is (nearly) a single colour"
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
 
 
 def test_lookup_finds_the_experiment_and_newest_runs(store):
@@ -113,8 +145,11 @@ def test_lookup_finds_the_experiment_and_newest_runs(store):
     assert server.experiment_id == exp_id
     assert sorted(server.run_ids[:3]) == sorted(run_ids) and len(server.run_ids) <= ui.COMPARE_MAX_RUNS
     assert server.url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs"
-    # The UI's own link format, ?runs=["id",...]&experiments=["id"], URL-quoted so terminals keep it whole.
-    prefix, _, query = server.compare_url.partition("?")
+    if server.pair_ids:  # the module's store may hold the probe pair of the test above: then the pair's view
+        assert server.compare_url.endswith("viewStateShareKey=" + server.views["pair"])
+    # Without a pair, the UI's own compare link: ?runs=["id",...]&experiments=["id"], URL-quoted so terminals
+    # keep it whole.
+    prefix, _, query = ui.compare_url("http://127.0.0.1:5000", server.run_ids, exp_id).partition("?")
     assert prefix == "http://127.0.0.1:5000/#/compare-runs" and '"' not in query and " " not in query
     parsed = urllib.parse.parse_qs(query)
     assert json.loads(parsed["runs"][0]) == server.run_ids and json.loads(parsed["experiments"][0]) == [exp_id]
