@@ -19,8 +19,21 @@ if TYPE_CHECKING:
 __all__ = ["opt", "click_options", "options_of", "from_cli", "key_values", "TrainConfig", "DemoConfig", "ProbeConfig",
            "AttributeConfig", "FreezeConfig", "RunsConfig", "DATASETS", "DATA_MODES", "RECIPES",
            "PROBE_PATHS", "PROBE_LEVELS", "RUN_KINDS",
-           "RUN_STATUSES", "FORBIDDEN_MODEL_KWARGS"]
+           "RUN_STATUSES", "FORBIDDEN_MODEL_KWARGS", "MODEL_NAMES"]
 
+def _model_names() -> tuple[str, ...]:
+    """models.MODELS without importing the models package (torch and timm: seconds): the same names.json."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("models")  # finds the package without running its __init__
+    pairs = json.loads((Path(spec.submodule_search_locations[0]) / "names.json").read_text())
+    return tuple(pairs) + tuple(pairs.values())
+
+
+# Model names (models.MODELS, read from the same file): a click.Choice, so a typo is refused at once.
+MODEL_NAMES: tuple[str, ...] = _model_names()
 # Dataset names (experiments.data.DATASETS is this tuple; data.py imports it from here).
 DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "hierarchy", "imagenet")
 # How a dataset is held: auto streams image folders, imagenet and saved Hugging Face image folders and keeps
@@ -151,7 +164,7 @@ def from_cli(cls: type, values: dict) -> Any:
 class TrainConfig:
     """Everything that defines a training run; logged as the MLflow params and stored in the checkpoint."""
 
-    model: str = opt("steps_deit_micro", "Model name (see `probe models`).")
+    model: str = opt("steps_deit_micro", "Model name (see `probe models`).", choices=MODEL_NAMES)
     dataset: str = opt("fashion_mnist", "Dataset.", choices=DATASETS)
     data_dir: str | None = opt(None, "Dataset folder (default: the dataset's own default).")
     epochs: int = opt(5, "Epochs.")
@@ -215,7 +228,8 @@ class DemoConfig:
 class ProbeConfig:
     """What `probe run` takes (experiments.probe_run)."""
 
-    model: str | None = opt(None, "Model name; its newest frozen model is used unless --run is given.")
+    model: str | None = opt(None, "Model name; its newest frozen model is used unless --run is given.",
+                            choices=MODEL_NAMES)
     run: str | None = opt(None, "Frozen model: run id, models:/ URI or name.", metavar="REF")
     path: str = opt("all", "Steps: slow, fast, full, all. Baselines: full, matched (slow/fast-width channel "
                     "splits), all.", choices=PROBE_PATHS)
@@ -248,7 +262,8 @@ class ProbeConfig:
 class AttributeConfig:
     """What `probe attribute` takes (experiments.attribute)."""
 
-    model: str | None = opt(None, "Model name; its newest frozen model is used unless --run is given.")
+    model: str | None = opt(None, "Model name; its newest frozen model is used unless --run is given.",
+                            choices=MODEL_NAMES)
     run: str | None = opt(None, "Frozen model: run id, models:/ URI or name.", metavar="REF")
     path: str = opt("both", "Paths for the maps and causal tests.", choices=ATTRIBUTION_PATHS)
     method: str = opt("ig", "Input attribution for the path maps.", choices=METHODS)
@@ -283,7 +298,8 @@ class FreezeConfig:
     run: str = opt(None, "The train run whose checkpoint is frozen (run id; see `probe runs --kind train`).",
                    metavar="RUN_ID")
     model: str | None = opt(None, "With --pretrained: the baseline whose published timm weights are frozen "
-                            "(deit_t/s/b, swin_t/s/b, resnet18/34/50; any model with --weights).")
+                            "(deit_t/s/b, swin_t/s/b, resnet18/34/50; any model with --weights).",
+                            choices=MODEL_NAMES)
     pretrained: bool = opt(False, "Freeze published (or given) weights as a baseline, without training.")
     weights: str | None = opt(None, "With --pretrained: a .safetensors (or .pth, read weights-only) file; default: "
                               "the model's weights in the local Hugging Face cache.", metavar="FILE")
@@ -304,7 +320,7 @@ class RunsConfig:
     """What `probe runs` takes (experiments.runs.list_runs)."""
 
     kind: str | None = opt(None, "Only runs of this kind.", choices=RUN_KINDS)
-    model: str | None = opt(None, "Only runs of this model.")
+    model: str | None = opt(None, "Only runs of this model.", choices=MODEL_NAMES)
     dataset: str | None = opt(None, "Only runs on this dataset.", choices=DATASETS)
     status: str | None = opt(None, "Only runs with this status.", choices=RUN_STATUSES)
     stale: bool = opt(False, "Only RUNNING runs whose heartbeat stopped (their process is gone or unreachable).")

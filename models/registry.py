@@ -1,18 +1,17 @@
 """The model names StepsLab knows, their pairing with baselines, and `create_model` with a clear error."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import timm
 from torch import nn
 
 from .errors import UserError
 
-# Steps model -> its baseline at matched params / MACs.
-BASELINE_OF = {
-    "steps_deit_t": "deit_t", "steps_deit_s": "deit_s", "steps_deit_b": "deit_b",
-    "steps_swin_t": "swin_t", "steps_swin_s": "swin_s", "steps_swin_b": "swin_b",
-    "steps_resnet18": "resnet18", "steps_resnet34": "resnet34", "steps_resnet50": "resnet50",
-    "steps_deit_micro": "deit_micro", "steps_swin_micro": "swin_micro", "steps_resnet_micro": "resnet_micro",
-}
+# Steps model -> its baseline at matched params / MACs. Kept as data in names.json so that the CLI can refuse a
+# mistyped model name before it imports torch (experiments.options reads the same file).
+BASELINE_OF: dict[str, str] = json.loads(Path(__file__).with_name("names.json").read_text())
 MODELS: tuple[str, ...] = tuple(BASELINE_OF) + tuple(BASELINE_OF.values())
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -13,6 +15,7 @@ from mlflow import MlflowClient
 import models
 from experiments import tracking
 from experiments.cli import main
+from experiments.options import MODEL_NAMES
 
 LIMITS = ["--limit", "320", "--test-limit", "160"]
 
@@ -110,7 +113,7 @@ def test_bad_inputs_are_one_line_errors(baseline):
     _one_line_error(_invoke("--model", "steps_resnet34", "--dataset", "cifar10"),
                     "probe train --model steps_resnet34 --dataset cifar10")
     _one_line_error(_invoke("--run", baseline, "--layers", "99"), "out of range")
-    _one_line_error(_invoke("--model", "steps_deit_q"), "unknown model 'steps_deit_q'; allowed: steps_deit_t")
+    _one_line_error(_invoke("--model", "steps_deit_q"), "'--model': 'steps_deit_q' is not one of 'steps_deit_t'")
     _one_line_error(_invoke("--model", "steps_deit_b", "--path", "slow"),
                     "--model steps_deit_b --dataset imagefolder --data-dir DIR --data-option img_size=224")
 
@@ -123,3 +126,13 @@ def test_nan_features_are_a_one_line_error():
     uri = _register(model, "deit_micro-nan-test", {"model": "deit_micro", "dataset": "hierarchy"})
     res = _invoke("--run", uri, "--path", "full", "--limit", "160", "--test-limit", "16")
     _one_line_error(res, "site 'final'", "NaN/inf")
+
+
+def test_a_mistyped_model_name_is_refused_before_torch_is_imported():
+    # What makes the refusal fast: the names come from models/names.json, not from importing the models package.
+    code = ("import sys; from click.testing import CliRunner; from experiments.cli import main; "
+            "res = CliRunner().invoke(main, ['run', '--model', 'steps_deit_q']); "
+            "print(res.exit_code, 'torch' in sys.modules, 'mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "False", "False"]
+    assert set(models.MODELS) == set(MODEL_NAMES)
