@@ -70,9 +70,7 @@ def compare_url(base_url: str, run_ids: list[str], experiment_id: str) -> str:
 PROBE_FILTER = "tags.`stepslab.kind` = 'probe'"
 # The columns of the DoL views: the dataset, the run's note (its result and verdict), each DoL with its interval.
 DOL_COLUMNS = (["attributes.`Dataset`", "attributes.`Description`"]
-               + [f"metrics.`{m}`" for m in ("dol.acc", "dol.acc.ci_low", "dol.acc.ci_high", "dol.mdl", "dol.mdl.ci_low",
-                                             "dol.mdl.ci_high", "dol.acc_pca", "dol.acc_pca.ci_low",
-                                             "dol.acc_pca.ci_high")]
+               + [f"metrics.`{m}{ci}`" for m in ("dol.acc", "dol.mdl", "dol.acc_pca") for ci in ("", ".ci_low", ".ci_high")]
                + ["tags.`stepslab.pair`"])
 SHARED_VIEW_TAG = "mlflow.sharedViewState."  # the experiment tag the UI's own "Share" button writes
 

@@ -3,10 +3,13 @@ frozen demo model (`make demo` makes it), once cold (an empty feature cache: ext
 the features cached (probes only). Wall seconds of each, and the run's division-of-labour score for reference.
 
 It needs a frozen `steps_deit_micro` in the store: without one it is skipped with a note (it never trains).
+Also timed: how long `probe run --model <a mistyped name>` takes to refuse, as a user sees it (a fresh process).
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -47,4 +50,17 @@ def run(setup: Setup, notes: list[str], tracking_uri: str | None = None) -> dict
     res["n_test"] = int(next(r["n_test"] for r in report.rows if "n_test" in r))
     res["dol_acc"] = report.dol["acc"][0] if "acc" in report.dol else None
     res["device"] = setup.slug
+    res["refusal_s"] = refusal_seconds()
     return res
+
+
+def refusal_seconds() -> float:
+    """Wall seconds of `probe run --model steps_deit_q` (a typo) in a fresh interpreter, until its one-line error."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "experiments.cli", "run", "--model", "steps_deit_q"],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 2:
+        raise RuntimeError(f"a mistyped model name exited {done.returncode}, not 2: {done.stderr[-500:]}")
+    log(f"probe_run: a mistyped model name refused in {seconds:.2f} s")
+    return seconds

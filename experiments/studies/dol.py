@@ -138,8 +138,8 @@ class Config:
 # six (about 190 steps of batch 16), 1000 test images. The generated `hierarchy` data, so that the smoke runs
 # the same everywhere, with or without the Fashion-MNIST package (and the contiguous split of Fashion-MNIST is
 # not a clean null: the CPU study measured -0.022 [-0.037, -0.007] on the baseline there).
-SMOKE = dict(dataset="hierarchy", seeds=(0, 1, 2), epochs=1, planted_epochs=6, train_limit=500, test_limit=1000, probe_pool=600,
-             n_probe=400, fits=2, batch_size=16, lr=1.5e-3, random_splits=1, detail=False, merge=False,
+SMOKE = dict(dataset="hierarchy", seeds=(0, 1, 2), epochs=1, planted_epochs=6, train_limit=500, test_limit=1000,
+             probe_pool=600, n_probe=400, fits=2, batch_size=16, lr=1.5e-3, random_splits=1, detail=False, merge=False,
              block_stride=11, attr_limit=16, ig_steps=4, planted_thetas=(0.0, 0.3), planted_theta=0.3,
              planted_reps=2)
 QUICK = SMOKE
@@ -651,7 +651,7 @@ def run(cfg: Config) -> dict:
         results["summary"] = summary(results)
         from experiments.tracking import set_description
         set_description(f"study dol: {cfg.model} beside {BASELINE_OF[cfg.model]} on {cfg.dataset}, seeds "
-                        f"{', '.join(map(str, cfg.seeds))}: {results['summary'][0].split(None, 1)[1]}."
+                        f"{', '.join(map(str, cfg.seeds))}: {' '.join(results['summary'][0].split())}."
                         "\n\n```\n" + "\n".join(results["summary"])
                         + f"\n```\n\n**Verdict.** {results['verdict']}\n")
         figs = dol_report_figures(results)
