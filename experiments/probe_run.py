@@ -258,10 +258,11 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
             pair = (mine, partner) if is_steps(name) else (partner, mine)
             tracking.log_figure(compare_figure(*pair, dataset=dataset), "compare_dol.png")
             tracking.log_dict_artifact({"steps": pair[0], "baseline": pair[1]}, "compare_dol.json")
-        echo(f"probe run {run.info.run_id} (model {name}, frozen run {info.get('run_id')})")
         other = tracking.model_tags(name).get("stepslab.pair", "").replace(name, "").replace(" vs ", "")
-        echo(f"beside {partner['model']}'s probe run {partner['run_id']} in the MLflow UI: probe ui" if partner else
-             f"probe {other} on {dataset} too, then see the two side by side: probe ui" if other else "")
+        if partner or other:
+            echo(f"beside {partner['model']}'s probe run {partner['run_id']} in the MLflow UI: probe ui" if partner
+                 else f"probe {other} on {dataset} too, then see the two side by side: probe ui")
+        echo(f"probe run {run.info.run_id} (model {name}, frozen run {info.get('run_id')})")  # last: scripts read it
     return ProbeReport(run.info.run_id, rows + depth_rows, dol, metrics, table, curves)
 
 

@@ -134,7 +134,7 @@ def test_bad_tracking_uri_for_train_creates_nothing(tmp_path, monkeypatch):
 
 def test_long_messages_are_whole():
     line = _one_line(_cli("run", "--model", "steps_deit_q"))
-    assert len(line) > 200 and line.endswith("resnet_micro")  # the whole list of allowed names
+    assert len(line) > 200 and line.endswith("'resnet_micro'.")  # the whole list of allowed names
 
 
 def test_unknown_model_option_is_one_line_before_anything_runs(tmp_path, monkeypatch):
@@ -296,7 +296,10 @@ def test_runs_lists_with_filters_and_one_line_errors():
     lines = res.stdout.splitlines()
     assert lines[0].split() == ["run", "kind", "model", "dataset", "status", "age", "metrics"]
     assert 1 <= len([ln for ln in lines[2:] if re.match(r"[0-9a-f]{32} ", ln)]) <= 2
-    assert "no runs match" in _cli("runs", "--model", "nosuchmodel").stdout
+    assert "no runs match" in _cli("runs", "--model", "swin_b").stdout
+    _one_line(_cli("runs", "--model", "nosuchmodel"), "'nosuchmodel' is not one of", "'resnet_micro'")
     _one_line(_cli("runs", "--kind", "sideways"), "'sideways'", "'train'")
     _one_line(_cli("runs", "--limit", "0"), "--limit")
-    _one_line(_cli("runs", "--model", "x' OR '1"), "quotes are not allowed")
+    _one_line(_cli("runs", "--model", "x' OR '1"), "'--model'", "is not one of")  # never reaches the filter
+    with pytest.raises(models.errors.UserError, match="quotes are not allowed"):  # the filter's own guard, for API callers
+        runs.list_runs(MlflowClient(), model="x' OR '1")
