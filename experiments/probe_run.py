@@ -260,8 +260,8 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
             tracking.log_dict_artifact({"steps": pair[0], "baseline": pair[1]}, "compare_dol.json")
         other = tracking.model_tags(name).get("stepslab.pair", "").replace(name, "").replace(" vs ", "")
         if partner or other:
-            echo(f"beside {partner['model']}'s probe run {partner['run_id']} in the MLflow UI: probe ui" if partner
-                 else f"probe {other} on {dataset} too, then see the two side by side: probe ui")
+            echo(f"{partner['model']} was probed on {dataset} in run {partner['run_id']}: probe ui shows the two side "
+                 "by side" if partner else f"probe {other} on {dataset} too, then see the two side by side: probe ui")
         echo(f"probe run {run.info.run_id} (model {name}, frozen run {info.get('run_id')})")  # last: scripts read it
     return ProbeReport(run.info.run_id, rows + depth_rows, dol, metrics, table, curves)
 

@@ -849,7 +849,8 @@ def summary(results: dict) -> list[str]:
             out.append(f"{name:32s} {m[name]:+.4f} [{m[name + '.ci_low']:+.4f}, {m[name + '.ci_high']:+.4f}]")
     for name in ("mde.dol.acc", "mde.dol.acc.analytic", "planted.features.false_positive_rate"):
         if name in m:
-            out.append(f"{name:32s} {m[name]:.4f}")
+            censored = name == "mde.dol.acc" and m.get("mde.dol.acc.censored")
+            out.append(f"{name:32s} {m[name]:.4f}" + (" (a lower bound: power never reached 80%)" if censored else ""))
     out.append("verdict: " + results["verdict"])
     return out
 

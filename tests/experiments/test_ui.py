@@ -70,7 +70,7 @@ def _train_and_probe_a_pair(tmp_path: Path) -> dict[str, str]:
                                    "--no-curves"], catch_exceptions=False)
         assert res.exit_code == 0, res.output
         ids[f"probe {model}"] = tracking.find_runs("probe", {"stepslab.model": model}).iloc[0]["run_id"]
-    assert f"beside deit_micro's probe run {ids['probe deit_micro']}" in res.output
+    assert f"deit_micro was probed on hierarchy in run {ids['probe deit_micro']}: probe ui" in res.output
     return ids
 
 
