@@ -175,8 +175,24 @@ def _size(nbytes: int) -> str:
     return ""
 
 
-def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeReport:
-    """Load the frozen model, extract features, probe, print the table, log one MLflow run of kind ``probe``."""
+def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeReport | None:
+    """Load the frozen model, extract features, probe, print the table, log one MLflow run of kind ``probe``.
+
+    Under torchrun (``torchrun --nproc_per_node=N -m experiments.cli run ...``) every process extracts its shards
+    of the sharded feature cache (`probes.features.extract_sharded`) and rank 0 alone probes, records and prints;
+    the other ranks return None. The probes then stream from the shards, as with --max-memory.
+    """
+    from experiments.train import init_distributed
+
+    dist, _ = init_distributed("auto")  # extraction picks its device as in one process (cuda:LOCAL_RANK, or cpu)
+    try:
+        return _run_probe(cfg, echo if dist.main else (lambda msg: None), dist)
+    finally:
+        if dist.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_probe(cfg: ProbeConfig, echo: Callable[[str], None], dist) -> ProbeReport | None:
     levels = _check_choices(cfg)
     budget = None if getattr(cfg, "max_memory", None) is None else parse_memory(cfg.max_memory)
     tracking.configure(cfg.tracking_uri)
@@ -199,18 +215,32 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
                   dataset=dataset, path=cfg.path, level=cfg.level, pool=cfg.pool, layers=cfg.layers, seed=cfg.seed,
                   limit=cfg.limit, test_limit=cfg.test_limit, probe=cfg.probe, random_splits=cfg.random_splits,
                   n_boot=cfg.n_boot, n_train=len(train_ds), n_test=len(test_ds))
-    streamed = False
+    # Under torchrun the extraction is sharded across the processes, so the probes stream from the shards.
+    streamed = dist.world_size > 1
+    if streamed:
+        params.update(world_size=dist.world_size, streamed=True)
+        if cfg.level in ("detail", "all"):
+            raise UserError(f"--level {cfg.level} under torchrun ({dist.world_size} processes: streamed probes): "
+                            "allowed: --level coarse, fine or both, or one process")
+        echo(f"{dist.world_size} processes extract their shards of the feature cache; rank 0 probes")
     if budget is not None:  # only then is the size measured: without the option, the run is as it always was
         fkw = dict(pool=cfg.pool, model_name=name, random_splits=cfg.random_splits, split_seed=cfg.seed)
         need = feature_bytes(model, train_ds, names, **fkw) + feature_bytes(model, test_ds, names, **fkw)
-        streamed = need > budget
+        over = need > budget
+        streamed = streamed or over
         params.update(max_memory=budget, feature_bytes=need, streamed=streamed)
-        if streamed and cfg.level in ("detail", "all"):
+        if over and cfg.level in ("detail", "all"):
             raise UserError(f"--level {cfg.level} with features of {_size(need)} over --max-memory "
                             f"{cfg.max_memory}: allowed: --level coarse, fine or both, or a larger --max-memory")
-        if streamed:
+        if over:
             echo(f"features need {_size(need)} > --max-memory {cfg.max_memory}: extracting into sharded "
                  "caches and streaming the probes from them")
+    kw = dict(pool=cfg.pool, batch_size=cfg.batch_size, model_ref=str(info.get("uri") or ref), model_name=name,
+              random_splits=cfg.random_splits, split_seed=cfg.seed)
+    if not dist.main:  # the other ranks' part: their shards (extract_sharded waits for every rank's)
+        extract_sharded(model, train_ds, names, **kw)
+        extract_sharded(model, test_ds, names, **kw)
+        return None
     tags = {"stepslab.source_run_id": info.get("run_id"), **tracking.model_tags(name), "stepslab.dataset": dataset,
             "stepslab.role": "steps" if is_steps(name) else "baseline"}
     label = "slow|fast|full" if cfg.path == "all" else cfg.path
@@ -221,8 +251,6 @@ def run_probe(cfg: ProbeConfig, echo: Callable[[str], None] = print) -> ProbeRep
                                                                               cfg.test_limit)):
             tracking.log_dataset(ds, context=context, location=where,
                                  subset=f"limit={limit} seed={cfg.seed}" if limit else "")
-        kw = dict(pool=cfg.pool, batch_size=cfg.batch_size, model_ref=str(info.get("uri") or ref), model_name=name,
-                  random_splits=cfg.random_splits, split_seed=cfg.seed)
         get = extract_sharded if streamed else extract
         ftr, fte = get(model, train_ds, names, **kw), get(model, test_ds, names, **kw)
         ltr, lte = Labels.of(train_ds), Labels.of(test_ds)

@@ -128,3 +128,54 @@ def test_probe_run_streamed_matches_in_memory():
     for name in ("acc.slow.coarse", "acc.fast.fine", "acc.full.coarse", "acc_pca.slow.fine", "acc_rand.fast.coarse"):
         assert abs(out[name] - mem[name]) <= 0.005, (name, out[name], mem[name])  # issue: within 0.5 points
     assert abs(out["mdl_ratio.slow.coarse"] - mem["mdl_ratio.slow.coarse"]) < 5e-3
+
+
+@pytest.mark.slow
+def test_probe_run_under_torchrun_gives_the_one_process_numbers(tmp_path):
+    """`torchrun --nproc_per_node=2 -m experiments.cli run ...`: both gloo processes extract their shards, rank 0
+    alone probes, records and prints; every metric equals one process's streamed run (--max-memory)."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+    from mlflow import MlflowClient
+
+    import models
+    from experiments import tracking
+
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 16, "in_chans": 1, "img_size": 28}
+    model = models.create_model("steps_deit_micro", **kwargs)
+    info = {"model": "steps_deit_micro", "dataset": "hierarchy", "create_kwargs": kwargs, "in_chans": 1,
+            "img_size": 28}
+    with tracking.tracked_run("train", {"model": "steps_deit_micro"}):
+        tracking.register_frozen(model, "steps_deit_micro-hierarchy-torchrun", model_info=info)
+    # --model (the newest frozen one, registered just above): torchrun's own parser would take --run for its
+    # --run-path.
+    args = ["run", "--model", "steps_deit_micro", "--path", "all", "--no-curves", "--limit", "320",
+            "--test-limit", "160"]
+
+    def launch(nproc: int, *extra: str) -> subprocess.CompletedProcess:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+               "STEPSLAB_CACHE": str(tmp_path / f"cache{nproc}")}  # each run extracts afresh
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                               f"--master_port={port}", "--master_addr=127.0.0.1", "-m", "experiments.cli",
+                               *args, *extra], env=env, capture_output=True, text=True, timeout=600)
+
+    one, two = launch(1, "--max-memory", "64K"), launch(2)
+    for proc in (one, two):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes extract their shards" in two.stdout
+    assert len(re.findall(r"probe run [0-9a-f]{32}", two.stdout)) == 1  # rank 0 alone records and prints
+    runs = [MlflowClient().get_run(re.search(r"probe run ([0-9a-f]{32})", p.stdout).group(1)) for p in (one, two)]
+    assert runs[1].data.params["world_size"] == "2" and runs[1].data.params["streamed"] == "True"
+    shards = sorted(p.name for p in (tmp_path / "cache2").rglob("*") if p.is_file())
+    assert shards == sorted(p.name for p in (tmp_path / "cache1").rglob("*") if p.is_file())
+    probe_metrics = [{k: v for k, v in r.data.metrics.items() if not k.startswith("system/")} for r in runs]
+    assert probe_metrics[0] == probe_metrics[1] and "dol.acc" in probe_metrics[0]
