@@ -122,7 +122,7 @@ def attribute(cfg: AttributeConfig, echo=print) -> AttributionResult:
                                                          cfg.path)) as active:
         tracking.log_dataset(test_ds, context="attribution", location=data_location(dataset, cfg.data_dir or
                                                                                      info.get("data_dir")),
-                             subset=f"limit={cfg.limit} seed={cfg.seed}" if cfg.limit else "")
+                             limit=cfg.limit, seed=cfg.seed)
         res = run_attribution(net, train_ds, test_ds, cfg, model_name=name, log=tracking.log_metrics)
         tracking.log_dict_artifact(res.metrics, "summary.json")
         tracking.log_dict_artifact(res.tables["shares_by_class"], "tables/shares_by_class.json")

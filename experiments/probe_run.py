@@ -249,8 +249,7 @@ def _run_probe(cfg: ProbeConfig, echo: Callable[[str], None], dist) -> ProbeRepo
         where = data_location(dataset, cfg.data_dir or info.get("data_dir"))
         for ds, context, limit in ((train_ds, "probe training", cfg.limit), (test_ds, "probe evaluation",
                                                                               cfg.test_limit)):
-            tracking.log_dataset(ds, context=context, location=where,
-                                 subset=f"limit={limit} seed={cfg.seed}" if limit else "")
+            tracking.log_dataset(ds, context=context, location=where, limit=limit, seed=cfg.seed)
         get = extract_sharded if streamed else extract
         ftr, fte = get(model, train_ds, names, **kw), get(model, test_ds, names, **kw)
         ltr, lte = Labels.of(train_ds), Labels.of(test_ds)

@@ -381,12 +381,13 @@ def model_tags(name: str) -> dict[str, str]:
     return tags
 
 
-def log_dataset(ds: Any, *, context: str, location: str | None = None, subset: str = "") -> None:
+def log_dataset(ds: Any, *, context: str, location: str | None = None, limit: int | None = None,
+                seed: int = 0) -> None:
     """Record one split as an MLflow dataset input of the active run (the UI's Dataset column and filter).
 
     name ``<dataset>/<split>``; digest = the split's fingerprint, the very key of the feature cache; source = the
-    folder its files came from (`location`), or the generator for generated data; tags: split, examples and
-    `subset` (e.g. ``limit=2000 seed=0``) where only part of the split was used.
+    folder its files came from (`location`), or the generator for generated data; tags: split, examples and,
+    where `limit` cut the split down (a subset drawn with `seed`), ``subset = "limit=2000 seed=0"``.
     """
     import warnings
 
@@ -407,8 +408,8 @@ def log_dataset(ds: Any, *, context: str, location: str | None = None, subset: s
         source = CodeDatasetSource({"generator": f"experiments.data {ds.name}"})
     dataset = MetaDataset(source, name=f"{ds.name}/{ds.split}", digest=ds.fingerprint)
     tags = {"split": ds.split, "examples": str(len(ds))}
-    if subset:
-        tags["subset"] = subset
+    if limit:
+        tags["subset"] = f"limit={limit} seed={seed}"
     mlflow.log_input(dataset, context=context, tags=tags)
 
 

@@ -724,11 +724,6 @@ def _tags(cfg: TrainConfig, model: nn.Module, train_ds: LabeledImages, test_ds: 
     }
 
 
-def _subset(limit: int | None, seed: int) -> str:
-    """How a split was cut down, for its dataset input ('' when whole)."""
-    return f"limit={limit} seed={seed}" if limit else ""
-
-
 def _description(cfg: TrainConfig, metrics: dict, stopped: str | None) -> str:
     """The run's note in the UI: what was trained, on what, and how it scored (Markdown)."""
     role = "Steps model" if models.is_steps(cfg.model) else "baseline"
@@ -863,10 +858,9 @@ def _train(cfg: TrainConfig, tracking_uri: str | None, dist: Dist, device: torch
             tracking.log_dict_artifact(cfg.to_dict(), "config.json")
             if ckpt is None:
                 where = data_location(cfg.dataset, cfg.data_dir)
-                tracking.log_dataset(train_ds, context="training", location=where,
-                                     subset=_subset(cfg.limit, cfg.seed))
-                tracking.log_dataset(test_ds, context="evaluation", location=where,
-                                     subset=_subset(cfg.test_limit, cfg.seed))
+                tracking.log_dataset(train_ds, context="training", location=where, limit=cfg.limit, seed=cfg.seed)
+                tracking.log_dataset(test_ds, context="evaluation", location=where, limit=cfg.test_limit,
+                                     seed=cfg.seed)
             if _hierarchy(train_ds):  # which WordNet groups the coarse labels are: the run's own record
                 tracking.log_dict_artifact(_hierarchy(train_ds), "hierarchy.json")
         on_log = log if run is not None else None

@@ -96,15 +96,12 @@ def test_parse_memory():
 
 
 @pytest.mark.slow
-def test_probe_run_streamed_matches_in_memory():
-    """`probe run --max-memory` below the features' size streams them from shards: same scores as in memory."""
+def _frozen_micro(registered_name: str) -> str:
+    """A seeded, untrained Steps-DeiT-micro for hierarchy (16 classes, 1x28x28), frozen as `registered_name`."""
     import torch
-    from click.testing import CliRunner
-    from mlflow import MlflowClient
 
     import models
     from experiments import tracking
-    from experiments.cli import main
 
     torch.manual_seed(0)
     kwargs = {"num_classes": 16, "in_chans": 1, "img_size": 28}
@@ -112,7 +109,17 @@ def test_probe_run_streamed_matches_in_memory():
     info = {"model": "steps_deit_micro", "dataset": "hierarchy", "create_kwargs": kwargs, "in_chans": 1,
             "img_size": 28}
     with tracking.tracked_run("train", {"model": "steps_deit_micro"}):
-        ref = tracking.register_frozen(model, "steps_deit_micro-hierarchy-ooc", model_info=info)
+        return tracking.register_frozen(model, registered_name, model_info=info)
+
+
+def test_probe_run_streamed_matches_in_memory():
+    """`probe run --max-memory` below the features' size streams them from shards: same scores as in memory."""
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from experiments.cli import main
+
+    ref = _frozen_micro("steps_deit_micro-hierarchy-ooc")
     args = ["run", "--run", ref, "--path", "all", "--no-curves", "--limit", "320", "--test-limit", "160",
             "--probe", "torch"]  # the streamed probes run the torch solver (auto picks sklearn for small features)
     metrics = []
@@ -140,19 +147,9 @@ def test_probe_run_under_torchrun_gives_the_one_process_numbers(tmp_path):
     import subprocess
     import sys
 
-    import torch
     from mlflow import MlflowClient
 
-    import models
-    from experiments import tracking
-
-    torch.manual_seed(0)
-    kwargs = {"num_classes": 16, "in_chans": 1, "img_size": 28}
-    model = models.create_model("steps_deit_micro", **kwargs)
-    info = {"model": "steps_deit_micro", "dataset": "hierarchy", "create_kwargs": kwargs, "in_chans": 1,
-            "img_size": 28}
-    with tracking.tracked_run("train", {"model": "steps_deit_micro"}):
-        tracking.register_frozen(model, "steps_deit_micro-hierarchy-torchrun", model_info=info)
+    _frozen_micro("steps_deit_micro-hierarchy-torchrun")
     # --model (the newest frozen one, registered just above): torchrun's own parser would take --run for its
     # --run-path.
     args = ["run", "--model", "steps_deit_micro", "--path", "all", "--no-curves", "--limit", "320",
