@@ -135,13 +135,17 @@ class Config:
 
 # The smoke settings: two seeds would give a t interval with ~1 degree of freedom, so three tiny seeds; the
 # Steps model and the baseline train one epoch (the smoke checks the pipeline and the null), the planted model
-# six (about 190 steps of batch 16), 1000 test images. The generated `hierarchy` data, so that the smoke runs
+# six (about 190 steps of batch 32), 1000 test images. The generated `hierarchy` data, so that the smoke runs
 # the same everywhere, with or without the Fashion-MNIST package (and the contiguous split of Fashion-MNIST is
-# not a clean null: the CPU study measured -0.022 [-0.037, -0.007] on the baseline there).
-SMOKE = dict(dataset="hierarchy", seeds=(0, 1, 2), epochs=1, planted_epochs=6, train_limit=500, test_limit=1000,
-             probe_pool=600, n_probe=400, fits=2, batch_size=16, lr=1.5e-3, random_splits=1, detail=False, merge=False,
-             block_stride=11, attr_limit=16, ig_steps=4, planted_thetas=(0.0, 0.3), planted_theta=0.3,
-             planted_reps=2)
+# not a clean null: the CPU study measured -0.022 [-0.037, -0.007] on the baseline there). The ResNet micro
+# pair, because it learns the data at this budget: Steps-DeiT-micro's planted models stay near chance on
+# `hierarchy` after 190 steps, so nothing is planted (planted.model.dol.acc +0.018 [-0.112, +0.147] with the
+# DeiT pair, +0.203 [+0.162, +0.244] with this one; see issue 14's note), and the smoke would only test that a
+# null gives a null.
+SMOKE = dict(model="steps_resnet_micro", dataset="hierarchy", seeds=(0, 1, 2), epochs=1, planted_epochs=6,
+             train_limit=1000, test_limit=1000, probe_pool=600, n_probe=400, fits=2, batch_size=32, lr=2e-3,
+             random_splits=1, detail=False, merge=False, block_stride=11, attr_limit=16, ig_steps=4,
+             planted_thetas=(0.0, 0.3), planted_theta=0.3, planted_reps=2)
 QUICK = SMOKE
 
 # Fields that do not change any result (left out of the children's keys).
