@@ -834,7 +834,16 @@ def verdict(results: dict) -> str:
                     if controls_ok else "At least one control is NOT detected: a null here says little."))
     lines.append(f"Minimum detectable effect (80% power, this study's N and seeds, planted features): {mde_text}; "
                  f"from the Steps estimate's own standard error: {mde_a:.3f}.")
-    if not steps["ci_low"] > 0 and not steps["ci_high"] < 0:
+    # Ceiling: when both paths read both levels almost perfectly, each accuracy difference is at most the error
+    # rate, so |dol.acc| <= 2 (1 - lowest accuracy); below the MDE no effect could have been seen at all.
+    accs = [results.get("probe_acc", {}).get("steps", {}).get(f"{p}.{lv}") for p in ("slow", "fast")
+            for lv in ("coarse", "fine")]
+    room = 2 * (1 - min(accs)) if all(a is not None for a in accs) else float("inf")
+    if room <= max(mde_a, mde if np.isfinite(mde) else 0.0):
+        lines.append(f"Ceiling: both Steps paths read both levels with at least {min(accs):.3f} accuracy, which "
+                     f"bounds |dol.acc| by {room:.3f}, no more than the minimum detectable effect: accuracy leaves "
+                     f"no room for a division of labour here, so this null says little about the claim.")
+    elif not steps["ci_low"] > 0 and not steps["ci_high"] < 0:
         bound = max(mde_a, mde)
         lines.append(f"So a division of labour larger than about {bound:.3f} in accuracy would most likely have "
                      f"been found; smaller ones cannot be ruled out with this budget." if not censored else

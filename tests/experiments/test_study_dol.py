@@ -101,6 +101,15 @@ def test_verdict_states_effect_interval_controls_and_mde():
     assert found["metrics"]["steps.dol.acc.ci_low"] > 0 and "as the paper claims" in found["verdict"]
 
 
+def test_verdict_calls_a_null_at_the_accuracy_ceiling_uninformative():
+    res = fake_results(0.0)
+    res["probe_acc"] = {"steps": {"slow.coarse": 0.996, "slow.fine": 0.994, "fast.coarse": 0.996, "fast.fine": 0.993}}
+    text = verdict(res)  # 2 x (1 - 0.993) = 0.014, below the MDE of 0.080: no effect could have shown
+    assert "Ceiling" in text and "0.014" in text and "says little" in text
+    res["probe_acc"]["steps"]["fast.fine"] = 0.80  # room 0.40: the ordinary null sentence
+    assert "Ceiling" not in verdict(res) and "would most likely have been found" in verdict(res)
+
+
 def test_an_mde_beyond_the_power_curve_is_logged_as_a_censored_lower_bound():
     from experiments.studies.dol import _censor_mde
 
