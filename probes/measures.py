@@ -216,8 +216,11 @@ def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, level
                  ) -> tuple[float, float, float]:
     """(mean, low, high): percentile bootstrap CI of the mean of per-example `values`."""
     values = np.asarray(values, np.float64)
-    idx = np.random.default_rng([seed, 19]).integers(0, len(values), (n_boot, len(values)))
-    means = values[idx].mean(1)
+    rng = np.random.default_rng([seed, 19])
+    # 50 resamples at a time: the same draws in the same order as one [n_boot, N] array (the generator's stream
+    # is sequential), without allocating two 80 MB arrays per call (2 s of page faults on 2 busy cores).
+    means = np.concatenate([values[rng.integers(0, len(values), (min(50, n_boot - i), len(values)))].mean(1)
+                            for i in range(0, n_boot, 50)])
     tail = (1 - level) / 2 * 100
     return float(values.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
