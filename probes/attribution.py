@@ -68,7 +68,7 @@ from models.sites import intervene, path_split, site_modules
 from probes import causal
 from probes.choices import ATTRIBUTION_LEVELS, ATTRIBUTION_PATHS, METHODS
 from probes.causal import ABLATIONS, Cut, coarse_scores
-from probes.features import _pool, extract, feature_specs
+from probes.features import extract, feature_specs, pool_site
 from probes.linear import fit_probe
 from probes.measures import bootstrap_ci
 from probes.runtime import LabeledImages, bar_disabled, batches
@@ -208,7 +208,7 @@ class ProbeHead(nn.Module):
         store: dict[str, torch.Tensor] = {}
         with intervene(self.model, {}, capture=[self.site], store=store):
             self.model(x)
-        feats = self.select(_pool(store[self.site], self.model, self.pool).float())
+        feats = self.select(pool_site(store[self.site], self.model, self.pool).float())
         return feats.flatten(1) @ self.weight.T + self.bias
 
     def target(self, labels: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ from probes.choices import DTYPES, POOLS
 from probes.runtime import LabeledImages, batches, resolve_device
 from probes.shards import ShardedArray, extract_shards, shard_dir
 
-__all__ = ["POOLS", "FeatureError", "FeatureSpec", "extract", "extract_sharded", "feature_bytes", "feature_specs",
+__all__ = ["POOLS", "FeatureError", "FeatureSpec", "pool_site", "extract", "extract_sharded", "feature_bytes", "feature_specs",
            "feature_names", "block_features", "paired_steps_model", "model_hash", "cache_dir"]
 
 _MAGIC = b"STEPSLAB-FEATURES-1\n"
@@ -281,7 +281,7 @@ def _read_cache(key: str) -> np.ndarray | None:
 
 # ------------------------------------------------------------------------------------------- extraction
 
-def _pool(t: torch.Tensor, model: nn.Module, pool: str) -> torch.Tensor:
+def pool_site(t: torch.Tensor, model: nn.Module, pool: str) -> torch.Tensor:
     """A site tensor -> [B, C] (cls, mean) or [B, T, C] (tokens), channels last, prefix tokens dropped."""
     if t.ndim == 2:  # logits: already one vector per image
         return t
@@ -327,7 +327,7 @@ def _forward(model: nn.Module, ds: LabeledImages, sites: list[str], pool: str, b
             for images, _, _ in batches(ds, batch_size, shuffle=False, device=device):
                 out = forward_paths(model, images, sites)
                 for s in sites:
-                    pooled = _pool(out[s], model, pool).float().to("cpu", target)
+                    pooled = pool_site(out[s], model, pool).float().to("cpu", target)
                     if s not in parts:
                         parts[s] = torch.empty((len(ds), *pooled.shape[1:]), dtype=target)
                     parts[s][start:start + len(pooled)] = pooled
@@ -402,7 +402,7 @@ def extract_sharded(model: nn.Module, ds, sites: Sequence[str], *, pool: str = "
     key = _cache_key(model_hash(model), ds.fingerprint, ",".join(raw_sites), pool, dtype, compute)
     key = hashlib.sha256(f"{key}|shards|{shard_size}".encode()).hexdigest()
     raw = extract_shards(model, ds, raw_sites, directory=shard_dir(cache_dir(), key), key=key,
-                         pool_fn=lambda t: _pool(t, model, pool), shard_size=shard_size, batch_size=batch_size,
+                         pool_fn=lambda t: pool_site(t, model, pool), shard_size=shard_size, batch_size=batch_size,
                          device=dev, dtype=dtype, workers=workers, on_shard=on_shard,
                          check=lambda s, a: _check_finite(s, a, name, pool),
                          meta={"pool": pool, "model": name, "model_ref": model_ref,
@@ -426,5 +426,5 @@ def feature_bytes(model: nn.Module, ds, sites: Sequence[str], *, pool: str = "me
             out = forward_paths(model.eval(), ds[0][0][None].to(dev), raw_sites)
     finally:
         model.train(was_training)
-    per = sum(_pool(out[s], model, pool).numel() for s in raw_sites)
+    per = sum(pool_site(out[s], model, pool).numel() for s in raw_sites)
     return per * np.dtype(dtype).itemsize * len(ds)

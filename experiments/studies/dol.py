@@ -75,6 +75,7 @@ from experiments.studies import finish, log, mean_std, study_run
 from models.errors import UserError
 from models.registry import BASELINE_OF
 from models.sites import forward_paths, path_split
+from probes.features import pool_site
 from probes.measures import Labels
 from probes.planted import SeedCI, analytic_mde, calibrate_snr, planted_study, power_curve, seed_ci, subsample, \
     subsample_fits
@@ -294,15 +295,6 @@ def train_model(cfg: Config, role: str, seed: int, ref: LabeledImages) -> tuple[
                                  "run_id": result.run_id, "reused": False}
 
 
-def _pooled(t: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    """[B, T, C] tokens -> [B, C] mean over the patch tokens (4-d maps: over space), as the probes pool."""
-    if t.ndim == 3:
-        return t[:, int(getattr(model, "num_prefix_tokens", 0) or 0):].mean(1)
-    if t.ndim == 4:
-        return t.mean((1, 2)) if t.shape[-1] == getattr(model, "num_features", -1) else t.mean((2, 3))
-    return t
-
-
 def explained_fraction(z: torch.Tensor, labels: torch.Tensor, parent: torch.Tensor | None = None) -> torch.Tensor:
     """The fraction of the batch variance of features `z` [B, C] left within the `parent` groups (None: all of
     it) that the class means of `labels` explain: sum_i |mu_label(i) - mu_parent(i)|^2 / sum_i |z_i - mu_parent(i)|^2.
@@ -364,7 +356,7 @@ def train_planted(model: torch.nn.Module, ds: LabeledImages, *, epochs: int, bat
             for group in opt.param_groups:
                 group["lr"] = rate * group.get("scale", 1.0)
             out = forward_paths(model, x, ["slow_path", "fast_path", "logits"])
-            slow, fast = _pooled(out["slow_path"], model), _pooled(out["fast_path"], model)
+            slow, fast = pool_site(out["slow_path"], model, "mean"), pool_site(out["fast_path"], model, "mean")
             mask = ~same_group[fine]
             detail = heads["detail"](fast).masked_fill(mask, float("-inf"))
             loss = aux_weight * (F.cross_entropy(heads["coarse"](slow), coarse) + F.cross_entropy(detail, fine))

@@ -19,6 +19,7 @@ from experiments.studies.dol import (Config, _apply_smoke, _child, _finished_chi
                                      dol_report_figures, explained_fraction, report_html, verdict)
 from experiments.tracking import find_runs
 
+
 def test_explained_fraction_is_one_for_pure_labels_and_small_for_noise():
     labels = torch.arange(40) % 4
     pure = torch.nn.functional.one_hot(labels, 4).float() * 3.0
@@ -29,6 +30,20 @@ def test_explained_fraction_is_one_for_pure_labels_and_small_for_noise():
     parent = labels // 2
     coarse_only = torch.nn.functional.one_hot(parent, 2).float()
     assert explained_fraction(coarse_only, labels, parent).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["steps_deit_micro", "steps_swin_micro", "steps_resnet_micro"])
+def test_planted_training_runs_on_every_family(name):
+    # Each family lays out its paths differently (tokens, NHWC windows, NCHW maps); the heads must see [B, C].
+    from experiments.data import load_dataset
+    from experiments.studies.dol import train_planted
+    from models.registry import create_model
+
+    ds = load_dataset("hierarchy", "train", seed=0, n=32)
+    torch.manual_seed(0)
+    losses = train_planted(create_model(name, num_classes=16), ds, epochs=1, batch_size=16, lr=1e-3, seed=0,
+                           device=torch.device("cpu"))
+    assert len(losses) == 1 and np.isfinite(losses[0])
 
 
 def test_smoke_flag_fills_only_fields_left_at_their_default():
