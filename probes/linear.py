@@ -420,7 +420,7 @@ def fit_probe_streamed(x_train, y_train: np.ndarray, x_test, y_test: np.ndarray,
                        Cs: tuple[float, ...] = CS, val_frac: float = 0.2, seed: int = 0) -> ProbeFit:
     """`fit_probe` with the torch backend on features streamed from chunks (a ShardedArray, or an array): the
     same validation split, C choice, refit and scores; memory holds one chunk, the labels and [N, K]
-    probabilities. (In memory, ``auto`` picks sklearn for small features: compare with ``probe="torch"``.)"""
+    probabilities (the in-memory ``probe="torch"``, which ``auto`` also picks, up to the tolerance)."""
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise ValueError(f"features and labels differ in length: {len(x_train)}/{len(y_train)}, "
