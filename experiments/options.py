@@ -242,7 +242,8 @@ class ProbeConfig:
     seed: int = opt(0, "Fixes the subsets and the probes' splits.")
     limit: int | None = opt(None, "Train images (class-stratified subset); default all.")
     test_limit: int | None = opt(None, "Test images (class-stratified subset); default all.")
-    probe: str = opt("auto", "Probe backend (auto: by size).", choices=PROBES)
+    probe: str = opt("auto", "Probe backend (auto: torch, solved to convergence; sklearn: a cross-check capped "
+                             "at 100 iterations).", choices=PROBES)
     random_splits: int = opt(3, "Baselines: random matched splits.")
     mdl: bool = opt(True, "Online MDL (the slowest measure).")
     curves: bool = opt(True, "Small-probe curves.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 POOLS: tuple[str, ...] = ("cls", "mean", "tokens")        # probes.features: pooling of a site's tokens / positions
 DTYPES: tuple[str, ...] = ("float32", "float16")          # probes.features: cached feature dtype
-PROBES: tuple[str, ...] = ("sklearn", "torch", "auto")    # probes.linear: probe backend (auto: by size)
+PROBES: tuple[str, ...] = ("sklearn", "torch", "auto")    # probes.linear: probe backend (auto: torch)
 LEVELS: tuple[str, ...] = ("coarse", "fine", "detail")    # probes.measures: label levels
 METHODS: tuple[str, ...] = ("ig", "saliency", "gradshap", "deeplift", "occlusion")  # probes.attribution input maps
 ATTRIBUTION_PATHS: tuple[str, ...] = ("slow", "fast", "both")                        # probes.attribution paths

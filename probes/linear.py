@@ -51,7 +51,8 @@ __all__ = ["PROBES", "CS", "ProbeFit", "Standardiser", "fit_probe", "fit_proba",
 CS = (0.01, 0.1, 1.0, 10.0)  # regularisation grid; features are standardised so one grid fits all
 # Convergence: max |gradient| of the mean objective in the preconditioned coordinates (where the curvature is
 # about even, so this bounds the distance to the optimum). At 1e-5 warm and cold starts agree on code lengths
-# to 0.02% and probabilities to 2e-3; at 3e-5 only to 0.3% (tests/probes/test_linear_solver.py); below it float32 rounding.
+# to 0.02% and probabilities to 2e-3; at 3e-5 only to 0.3% (tests/probes/test_linear_solver.py); below it,
+# float32 rounding.
 _TOL = 1e-5
 _MAX_ITER = 1000  # a safety net only: solves stop on _TOL, or when the float32 loss stops changing
 _PRECOND = 8.0  # the preconditioner's ridge in units of the penalty weight reg (see `_solve`)
@@ -121,9 +122,9 @@ class ProbeFit:
     standardiser: Standardiser = field(repr=False)
 
 
-def choose_backend(probe: str, n: int, d: int) -> str:
-    """Resolve ``auto`` (torch, the converged solver, at every size) and check the name. `n` and `d` are kept for
-    callers; the size no longer matters since torch is as fast as sklearn on small problems and converges."""
+def choose_backend(probe: str) -> str:
+    """Resolve ``auto`` (torch, the converged solver, at every size: as fast as sklearn on small problems, and it
+    converges) and check the name."""
     if probe not in PROBES:
         raise UserError(f"unknown probe {probe!r}; allowed: {', '.join(PROBES)}")
     return "torch" if probe == "auto" else probe
@@ -275,7 +276,7 @@ def fit_proba_grid(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray,
         return [out] * len(Cs), init
     st = Standardiser.fit(xtr)
     start = None if init is None else (init[0][:, classes], init[1][:, classes])
-    coef, icpt = _fit(st(xtr), _encode(y_train, classes), tuple(Cs), choose_backend(probe, *xtr.shape),
+    coef, icpt = _fit(st(xtr), _encode(y_train, classes), tuple(Cs), choose_backend(probe),
                       len(classes), seed, start)
     probas = []
     for c in range(len(Cs)):
@@ -302,7 +303,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
     classes = np.unique(y_train)
     if len(classes) < 2:
         raise UserError(f"probe needs at least 2 classes in the training labels, got {classes.tolist()}")
-    backend = choose_backend(probe, *xtr.shape)
+    backend = choose_backend(probe)
     ytr = _encode(y_train, classes)
     start = None
     if C is None:  # the refit starts from the chosen C's solution on the training part: a few iterations

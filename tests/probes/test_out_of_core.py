@@ -121,7 +121,7 @@ def test_probe_run_streamed_matches_in_memory():
 
     ref = _frozen_micro("steps_deit_micro-hierarchy-ooc")
     args = ["run", "--run", ref, "--path", "all", "--no-curves", "--limit", "320", "--test-limit", "160",
-            "--probe", "torch"]  # the streamed probes run the torch solver (auto picks sklearn for small features)
+            "--probe", "torch"]  # the streamed probes run the torch solver (auto is torch too; said explicitly)
     metrics = []
     for extra in ([], ["--max-memory", "64K"]):
         res = CliRunner().invoke(main, [*args, *extra], catch_exceptions=False)
