@@ -1,8 +1,8 @@
 """Features, once: pooled activations of a frozen model over a dataset split, cached on disk.
 
 `extract(model, ds, names)` is the one place feature extraction lives (probes, attribution and figures reuse
-it). It runs ONE inference-mode, eval-mode, batched pass per (model, dataset split) for the sites it does not find in
-the cache, and returns ``name -> float32 array``: ``[N, C]`` for pool ``cls``/``mean``, ``[N, T, C]`` for
+it). It runs ONE inference-mode, eval-mode, batched pass per (model, dataset split) for the sites it does not
+find in the cache, and returns ``name -> float32 array``: ``[N, C]`` for pool ``cls``/``mean``, ``[N, T, C]`` for
 ``tokens``.
 
 Feature names ("where to probe"). Every site of `models.sites` (``final``, ``blocks.{k}``, ``logits``,
@@ -64,8 +64,8 @@ from probes.choices import DTYPES, POOLS
 from probes.runtime import LabeledImages, batches, resolve_device
 from probes.shards import ShardedArray, extract_shards, shard_dir
 
-__all__ = ["POOLS", "FeatureError", "FeatureSpec", "pool_site", "extract", "extract_sharded", "feature_bytes", "feature_specs",
-           "feature_names", "block_features", "paired_steps_model", "model_hash", "cache_dir"]
+__all__ = ["POOLS", "FeatureError", "FeatureSpec", "pool_site", "extract", "extract_sharded", "feature_bytes",
+           "feature_specs", "feature_names", "block_features", "paired_steps_model", "model_hash", "cache_dir"]
 
 _MAGIC = b"STEPSLAB-FEATURES-1\n"
 _log = logging.getLogger(__name__)

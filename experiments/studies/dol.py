@@ -236,7 +236,8 @@ def _train_cfg(cfg: Config, name: str, seed: int, key: str):
 
     options = {**_options(cfg.data_options, "--data-options"),
                **({"n": cfg.train_limit} if cfg.dataset == "hierarchy" else {})}
-    return TrainConfig(model_kwargs=_options(cfg.model_options, "--model-options"), model=name, dataset=cfg.dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+    return TrainConfig(model_kwargs=_options(cfg.model_options, "--model-options"), model=name, dataset=cfg.dataset,
+                       epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        warmup_epochs=min(0.3, cfg.epochs / 4), augment=False, seed=seed,
                        limit=None if cfg.dataset == "hierarchy" else cfg.train_limit,
                        # the per-epoch evaluation only reports accuracy: 2000 images are plenty

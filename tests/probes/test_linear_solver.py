@@ -88,4 +88,3 @@ def test_extraction_in_inference_mode_is_the_no_grad_forward():
     assert out["final"].dtype == np.float32 and out["final"].shape == (40, 128)
     np.testing.assert_allclose(out["final"], ref, atol=1e-5)
     np.testing.assert_array_equal(out["slow_path"], out["final"][:, :96])
-

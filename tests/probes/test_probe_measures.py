@@ -139,3 +139,11 @@ def test_bootstrap_and_dol_sign():
     ones, zeros = np.ones(50), np.zeros(50)
     assert division_of_labour(ones, zeros, zeros, ones)[0] == 2.0   # the claim, fully
     assert division_of_labour(zeros, ones, ones, zeros)[0] == -2.0  # the opposite
+
+
+def test_bootstrap_in_blocks_draws_what_one_array_drew():
+    """bootstrap_ci draws its resamples in blocks of 50: the same resamples as one [n_boot, N] array."""
+    values = np.random.default_rng(3).random(5000)
+    idx = np.random.default_rng([0, 19]).integers(0, len(values), (1000, len(values)))  # the old, one-array way
+    means = values[idx].mean(1)
+    assert bootstrap_ci(values) == (values.mean(), np.percentile(means, 2.5), np.percentile(means, 97.5))
