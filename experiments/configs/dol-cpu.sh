@@ -4,7 +4,8 @@
 # (all 10000 test images; 2000-image training subsets, 2 epochs: a budget for 2 shared cores, far from
 # convergence) and on the generated `hierarchy` dataset (4000 test images). Coarse and fine levels, final and
 # merge sites, every third block; no detail level (the GPU config has it). The two studies run side by side,
-# one torch thread each (about an hour on 2 cores shared with other work); reports land in
+# one torch thread each (on 2 cores shared with other work: the ResNet pair 7 minutes, Swin 17, DeiT about an
+# hour); reports land in
 # experiments/results/dol-cpu-<dataset>-<model>/ (Steps-DeiT-micro's, which predate the model argument:
 # dol-cpu-<dataset>/) and in each parent MLflow run. The planted model trains --planted-epochs (4: about 250
 # steps; at the 125 steps of the other models it is barely planted).
