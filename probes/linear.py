@@ -211,11 +211,11 @@ def _xent_grad(parts: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
     return grad
 
 
-def _fit_torch(x: np.ndarray, y: np.ndarray, Cs: tuple[float, ...], n_classes: int, seed: int = 0,
+def _fit_torch(x: np.ndarray, y: np.ndarray, Cs: tuple[float, ...], n_classes: int,
                init: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`_solve` on in-memory standardised features `x` ``[N, D]`` and encoded labels `y`, on the GPU when there is
-    one (one thread for small problems on the CPU). Returns coef ``[m, K, D]`` and intercept ``[m, K]``. `seed` is
-    unused: every solve starts from zero (or `init`) and converges, so there is nothing left to seed."""
+    one (one thread for small problems on the CPU). Returns coef ``[m, K, D]`` and intercept ``[m, K]``. No seed:
+    every solve starts from zero (or `init`) and converges, so there is nothing left to seed."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = len(y)
     xt = torch.as_tensor(np.ascontiguousarray(x, np.float32), device=dev)
@@ -231,7 +231,7 @@ def _fit(x: np.ndarray, y: np.ndarray, Cs: tuple[float, ...], backend: str, n_cl
     """Probes for every C of `Cs` on the same data: coef ``[m, K, D]``, intercept ``[m, K]`` (torch: converged,
     warm-started along the C path or from `init`; sklearn: each C its own capped solve, `init` unused)."""
     if backend == "torch":
-        return _fit_torch(x, y, Cs, n_classes, seed, init)
+        return _fit_torch(x, y, Cs, n_classes, init)
     fits = [_fit_sklearn(x, y, C, seed) for C in Cs]
     return np.stack([f[0] for f in fits]), np.stack([f[1] for f in fits])
 
@@ -390,7 +390,7 @@ def _compact(x, mask: np.ndarray | None):
 
 
 def _fit_stream(x, mask: np.ndarray | None, st: Standardiser, y: np.ndarray, Cs: tuple[float, ...],
-                n_classes: int, seed: int = 0, init: tuple[np.ndarray, np.ndarray] | None = None
+                n_classes: int, init: tuple[np.ndarray, np.ndarray] | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """`_fit_torch` on the selected rows of `x` (standardised by `st`), the same `_solve` with the loss, gradient
     and covariance summed chunk by chunk; `y` holds the encoded labels of the selected rows in order."""
@@ -443,14 +443,14 @@ def fit_probe_streamed(x_train, y_train: np.ndarray, x_test, y_test: np.ndarray,
                 val[idx[:int(len(idx) * val_frac)]] = True
             if val.any() and not val.all():
                 st_a = stream_standardiser(x_train, ~val)
-                coef, icpt = _fit_stream(x_train, ~val, st_a, ytr[~val], tuple(Cs), K, seed)
+                coef, icpt = _fit_stream(x_train, ~val, st_a, ytr[~val], tuple(Cs), K)
                 yv = ytr[val]
                 scores = [-np.log(np.maximum(_stream_proba(x_train, val, st_a, coef[i], icpt[i])[
                     np.arange(len(yv)), yv], _EPS)).mean() for i in range(len(Cs))]
                 best = int(np.argmin(scores))
                 C, start = float(Cs[best]), (coef[best:best + 1], icpt[best:best + 1])
     st = stream_standardiser(x_train, None)
-    coef, icpt = _fit_stream(x_train, None, st, ytr, (C,), K, seed, start)
+    coef, icpt = _fit_stream(x_train, None, st, ytr, (C,), K, start)
     coef, icpt = coef[0], icpt[0]
     proba = _stream_proba(x_test, None, st, coef, icpt)
     pred = classes[proba.argmax(1)]
@@ -477,7 +477,7 @@ def fit_proba_grid_streamed(x, train: np.ndarray, evaluate: np.ndarray, y: np.nd
         return [out] * len(Cs), init
     st = stream_standardiser(x, train)
     start = None if init is None else (init[0][:, classes], init[1][:, classes])
-    coef, icpt = _fit_stream(x, train, st, _encode(y_train, classes), tuple(Cs), len(classes), seed, start)
+    coef, icpt = _fit_stream(x, train, st, _encode(y_train, classes), tuple(Cs), len(classes), start)
     probas = []
     for c in range(len(Cs)):
         out = np.zeros((n_eval, n_classes), np.float64)
