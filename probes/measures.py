@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ from models.errors import UserError
 from probes.choices import LEVELS
 
 from .linear import (CS, ProbeFit, Standardiser, stream_standardiser, fit_probe, fit_probe_streamed,
-                     fit_proba_grid, fit_proba_grid_streamed, flat, small_blas)
+                     fit_proba_grid, fit_proba_grid_streamed, flat, parallel_fits, small_blas)
 
 __all__ = ["LEVELS", "MDL_FRACTIONS", "level_labels", "detail_groups", "MDLResult", "prequential_mdl",
            "geometric_ks", "pca_k", "random_k", "k_control", "bootstrap_ci", "division_of_labour", "Labels",
@@ -270,6 +271,52 @@ def _probe_level(xtr, xte, ltr: Labels, lte: Labels, level: str, probe: str, see
     return out
 
 
+def _measure_one(xtr, xte, ltr: Labels, lte: Labels, path: str, level: str, *, full: bool, k_eq: int,
+                 probe: str, seed: int, n_boot: int, mdl: bool, curves: bool) -> dict:
+    """One (path, level) job of `measure`: its rows (per detail group, then the summary), per-image measures
+    for the DoL scores, the main fit (None for detail) and small-probe curve points."""
+    rows, curve_pts, fits = [], [], None
+    results = _probe_level(xtr, xte, ltr, lte, level, probe, seed)
+    correct = np.full(len(lte.fine), np.nan)
+    for group, fit, mask in results:
+        correct[mask] = fit.correct
+        if group is not None:
+            rows.append(dict(path=path, level=level, group=group, width=xtr.shape[-1], acc=fit.acc,
+                             bal_acc=fit.bal_acc, xent=fit.xent, C=fit.C, probe=fit.backend))
+    fit = results[0][1]
+    ok = ~np.isnan(correct)
+    _, lo, hi = bootstrap_ci(correct[ok], n_boot=n_boot, seed=seed)
+    sizes = [m.sum() for _, _, m in results]
+    # Detail pools its groups: accuracy and cross-entropy over all their test images, balanced accuracy
+    # the mean of the groups' (each group is balanced within itself).
+    row = dict(path=path, level=level, group="", width=xtr.shape[-1], n_train=len(xtr), n_test=int(ok.sum()),
+               acc=float(correct[ok].mean()), acc_ci_low=lo, acc_ci_high=hi,
+               bal_acc=float(np.mean([r[1].bal_acc for r in results])),
+               xent=float(np.average([r[1].xent for r in results], weights=sizes)), C=fit.C, probe=fit.backend)
+    per = {"correct": correct}
+    if level != "detail":
+        fits = fit
+    if full and level != "detail":
+        y_tr, y_te = (ltr.coarse, lte.coarse) if level == "coarse" else (ltr.fine, lte.fine)
+        n_classes = len(ltr.coarse_names) if level == "coarse" else len(ltr.fine_to_coarse)
+        if mdl:
+            res = prequential_mdl(xtr, y_tr, n_classes, probe=probe, seed=seed)
+            row.update(mdl_bits=res.bits, mdl_ratio=res.ratio)
+            per["mdl"] = -res.per_example / np.log2(n_classes)  # larger = better
+        k = min(k_eq, xtr.shape[-1], len(xtr))
+        row["k_eq"] = k
+        for method, col in (("pca", "acc_pca"), ("random", "acc_rand")):
+            row[col], per[col] = k_control(xtr, y_tr, xte, y_te, k, method=method, C=fit.C, probe=probe,
+                                           seed=seed)
+        if curves:
+            for kk in geometric_ks(xtr.shape[-1]):
+                acc = fit.acc if kk == xtr.shape[-1] else k_control(
+                    xtr, y_tr, xte, y_te, kk, method="random", draws=1, C=fit.C, probe=probe, seed=seed)[0]
+                curve_pts.append(dict(path=path, level=level, k=kk, acc=acc))
+    rows.append(row)
+    return {"rows": rows, "per": per, "fit": fits, "curve": curve_pts}
+
+
 def measure(train: dict[str, np.ndarray], test: dict[str, np.ndarray], ltr: Labels, lte: Labels,
             levels: list[str], *, full: set[str] = frozenset(), pairs: list[tuple[str, str, str]] = (),
             probe: str = "auto", seed: int = 0, n_boot: int = 1000, mdl: bool = True, curves: bool = True,
@@ -281,48 +328,40 @@ def measure(train: dict[str, np.ndarray], test: dict[str, np.ndarray], ltr: Labe
     """
     pair_paths = {p for _, s, f in pairs for p in (s, f)}
     k_eq = min(train[p].shape[-1] for p in (pair_paths or train))
-    rows, curve_pts, fits, per = [], [], {}, {}
     jobs = [(p, lv) for p in train for lv in levels]
-    for path, level in tqdm(jobs, desc=desc, leave=False):
-        xtr, xte = train[path], test[path]
-        results = _probe_level(xtr, xte, ltr, lte, level, probe, seed)
-        correct = np.full(len(lte.fine), np.nan)
-        for group, fit, mask in results:
-            correct[mask] = fit.correct
-            if group is not None:
-                rows.append(dict(path=path, level=level, group=group, width=xtr.shape[-1], acc=fit.acc,
-                                 bal_acc=fit.bal_acc, xent=fit.xent, C=fit.C, probe=fit.backend))
-        fit = results[0][1]
-        ok = ~np.isnan(correct)
-        _, lo, hi = bootstrap_ci(correct[ok], n_boot=n_boot, seed=seed)
-        sizes = [m.sum() for _, _, m in results]
-        # Detail pools its groups: accuracy and cross-entropy over all their test images, balanced accuracy
-        # the mean of the groups' (each group is balanced within itself).
-        row = dict(path=path, level=level, group="", width=xtr.shape[-1], n_train=len(xtr), n_test=int(ok.sum()),
-                   acc=float(correct[ok].mean()), acc_ci_low=lo, acc_ci_high=hi,
-                   bal_acc=float(np.mean([r[1].bal_acc for r in results])),
-                   xent=float(np.average([r[1].xent for r in results], weights=sizes)), C=fit.C, probe=fit.backend)
-        per[path, level] = {"correct": correct}
-        if level != "detail":
-            fits[path, level] = fit
-        if path in full and level != "detail":
-            y_tr, y_te = (ltr.coarse, lte.coarse) if level == "coarse" else (ltr.fine, lte.fine)
-            n_classes = len(ltr.coarse_names) if level == "coarse" else len(ltr.fine_to_coarse)
-            if mdl:
-                res = prequential_mdl(xtr, y_tr, n_classes, probe=probe, seed=seed)
-                row.update(mdl_bits=res.bits, mdl_ratio=res.ratio)
-                per[path, level]["mdl"] = -res.per_example / np.log2(n_classes)  # larger = better
-            k = min(k_eq, xtr.shape[-1], len(xtr))
-            row["k_eq"] = k
-            for method, col in (("pca", "acc_pca"), ("random", "acc_rand")):
-                row[col], per[path, level][col] = k_control(xtr, y_tr, xte, y_te, k, method=method, C=fit.C,
-                                                            probe=probe, seed=seed)
-            if curves:
-                for kk in geometric_ks(xtr.shape[-1]):
-                    acc = fit.acc if kk == xtr.shape[-1] else k_control(
-                        xtr, y_tr, xte, y_te, kk, method="random", draws=1, C=fit.C, probe=probe, seed=seed)[0]
-                    curve_pts.append(dict(path=path, level=level, k=kk, acc=acc))
-        rows.append(row)
+
+    def job(path_level: tuple[str, str]) -> dict:
+        path, level = path_level
+        return _measure_one(train[path], test[path], ltr, lte, path, level, full=path in full, k_eq=k_eq,
+                            probe=probe, seed=seed, n_boot=n_boot, mdl=mdl, curves=curves)
+
+    # The (path, level) jobs share nothing: on the CPU they run side by side, each fit on one thread
+    # (`parallel_fits`), the widest and finest first so that no long job starts last. They are gathered in job
+    # order: the output does not depend on which finished first.
+    def cost(path_level: tuple[str, str]) -> int:
+        return train[path_level[0]].shape[-1] * (len(ltr.coarse_names) if path_level[1] == "coarse" else
+                                                 len(ltr.fine_to_coarse))
+
+    with parallel_fits(len(jobs)) as workers:
+        if workers == 1:
+            out = {j: job(j) for j in tqdm(jobs, desc=desc, leave=False)}
+        else:
+            out = {}
+            with ThreadPoolExecutor(workers) as pool:
+                futures = {pool.submit(job, j): j for j in sorted(jobs, key=cost, reverse=True)}
+                try:
+                    for f in tqdm(as_completed(futures), total=len(jobs), desc=desc, leave=False):
+                        out[futures[f]] = f.result()
+                except BaseException:  # Ctrl-C or a failed job: start no more (those running finish)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    rows, curve_pts, fits, per = [], [], {}, {}
+    for j in jobs:
+        rows += out[j]["rows"]
+        curve_pts += out[j]["curve"]
+        per[j] = out[j]["per"]
+        if out[j]["fit"] is not None:
+            fits[j] = out[j]["fit"]
     return rows, _dol(per, pairs, levels, n_boot, seed), curve_pts, fits
 
 

@@ -88,3 +88,34 @@ def test_extraction_in_inference_mode_is_the_no_grad_forward():
     assert out["final"].dtype == np.float32 and out["final"].shape == (40, 128)
     np.testing.assert_allclose(out["final"], ref, atol=1e-5)
     np.testing.assert_array_equal(out["slow_path"], out["final"][:, :96])
+
+
+def test_the_hand_written_gradient_is_autograds_summed_over_parts():
+    """`_xent_grad` (class-major logits, summed part by part) against autograd's mean cross-entropy."""
+    from probes.linear import _xent_grad
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 24, generator=g), torch.randint(0, 6, (300,), generator=g)
+    w, b = torch.randn(24, 6, generator=g, requires_grad=True), torch.randn(6, generator=g, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(x @ w + b, y)
+    loss.backward()
+    parts = lambda: iter([(x[:100], y[:100]), (x[100:], y[100:])])  # noqa: E731
+    mine, gw, gb = _xent_grad(parts, 300, torch.device("cpu"))(w.detach(), b.detach())
+    torch.testing.assert_close(mine, loss.detach())
+    torch.testing.assert_close(gw, w.grad)
+    torch.testing.assert_close(gb, b.grad)
+
+
+def test_parallel_fits_one_thread_each_and_restores_the_pools():
+    from probes.linear import parallel_fits
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with parallel_fits(6) as workers:
+            assert (workers, torch.get_num_threads()) == ((1, 2) if torch.cuda.is_available() else (2, 1))
+        assert torch.get_num_threads() == 2
+        with parallel_fits(1) as workers:  # one job: nothing to share, nothing changed
+            assert (workers, torch.get_num_threads()) == (1, 2)
+    finally:
+        torch.set_num_threads(threads)

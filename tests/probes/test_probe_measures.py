@@ -147,3 +147,26 @@ def test_bootstrap_in_blocks_draws_what_one_array_drew():
     idx = np.random.default_rng([0, 19]).integers(0, len(values), (1000, len(values)))  # the old, one-array way
     means = values[idx].mean(1)
     assert bootstrap_ci(values) == (values.mean(), np.percentile(means, 2.5), np.percentile(means, 97.5))
+
+
+def test_jobs_side_by_side_give_the_numbers_of_one_after_another():
+    """`measure` runs its (path, level) jobs in parallel threads when torch has more than one: the same rows,
+    scores and curves, in the same order, as the jobs run one by one on one thread."""
+    import torch
+
+    tr, ltr = synthetic(300, 0)
+    te, lte = synthetic(200, 1)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):  # one thread: one job at a time; two: two jobs at once, each on one thread
+            torch.set_num_threads(n)
+            runs.append(measure(tr, te, ltr, lte, ["coarse", "fine"], full={"slow", "fast"},
+                                pairs=[("", "slow", "fast")], seed=0, n_boot=200))
+    finally:
+        torch.set_num_threads(threads)
+    (rows1, dol1, curves1, fits1), (rows2, dol2, curves2, fits2) = runs
+    assert rows1 == rows2 and dol1 == dol2 and curves1 == curves2
+    assert list(fits1) == list(fits2) == [(p, lv) for p in ("slow", "fast", "full") for lv in ("coarse", "fine")]
+    for key in fits1:
+        np.testing.assert_array_equal(fits1[key].coef, fits2[key].coef)
