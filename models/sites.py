@@ -22,6 +22,7 @@ alive). The cache notices a model whose top-level modules or Steps blocks were r
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -134,8 +135,12 @@ def intervene(model: nn.Module, edits: Mapping[str, Callable[[torch.Tensor], tor
 @contextlib.contextmanager
 def _intervene(model: nn.Module, modules: Mapping[str, nn.Module],
                edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], capture: Iterable[str] = (),
-               store: dict | None = None) -> Iterator[dict]:
+               store: dict | None = None, this_thread: bool = False) -> Iterator[dict]:
+    """The hooks of `intervene`; with `this_thread`, they act only on passes made by the calling thread, so
+    several threads can each run their own `forward_paths` through one model at once (side-by-side extraction:
+    module hooks are shared by every pass)."""
     store = {} if store is None else store
+    owner = threading.get_ident() if this_thread else None
     wanted = set(capture)
     unknown = sorted((set(edits) | wanted) - set(modules))
     if unknown:
@@ -144,6 +149,8 @@ def _intervene(model: nn.Module, modules: Mapping[str, nn.Module],
 
     def make_hook(name):
         def hook(module, args, out):
+            if owner is not None and threading.get_ident() != owner:
+                return None  # another thread's pass: leave it alone
             if name in edits:
                 out = edits[name](out)
             if name in wanted:
@@ -165,6 +172,7 @@ def forward_paths(model: nn.Module, x: torch.Tensor, names: Iterable[str] | None
     """Run the model once and return the requested sites as a name -> tensor mapping.
 
     `names=None` returns every site. `edits` replaces site tensors during the pass (see `intervene`).
+    Thread-safe for a model in eval mode: calls from several threads at once each see only their own pass.
     """
     modules = site_modules(model)  # resolved once for the names and the hooks
     available = _names(model, modules)
@@ -178,7 +186,7 @@ def forward_paths(model: nn.Module, x: torch.Tensor, names: Iterable[str] | None
     capture = {n for n in names if n not in DERIVED}
     if any(n in DERIVED for n in names):
         capture.add("final")
-    with _intervene(model, modules, edits or {}, capture) as store:
+    with _intervene(model, modules, edits or {}, capture, this_thread=True) as store:
         model(x)
     out = {n: store[n] if n not in DERIVED else _derive(n, store["final"], model) for n in names}
     return out

@@ -29,7 +29,6 @@ loss, gradient and covariance, accumulated chunk by chunk over the memory-mapped
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -39,10 +38,10 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
-from threadpoolctl import ThreadpoolController
 
 from models.errors import UserError
 from probes.choices import PROBES
+from probes.runtime import blas_controller, side_by_side
 
 __all__ = ["PROBES", "CS", "ProbeFit", "Standardiser", "fit_probe", "fit_proba", "fit_proba_grid",
            "fit_probe_streamed", "fit_proba_grid_streamed", "stream_standardiser", "choose_backend", "flat",
@@ -61,15 +60,10 @@ _SMALL = 2_000_000  # feature values below which a fit runs on one BLAS thread
 _ONE_THREAD_WORK = 1_000_000_000  # multiply-adds of one loss GEMM below which a torch fit runs on one thread
 
 
-@functools.lru_cache(maxsize=1)
-def _controller() -> ThreadpoolController:
-    return ThreadpoolController()  # finds the BLAS libraries once (each lookup reads /proc/self/maps)
-
-
 def small_blas(n_values: int) -> contextlib.AbstractContextManager:
     """One BLAS thread for small problems: on a busy CPU, and next to torch's own thread pool, threads on tiny
     matrices cost far more than they give (a 320 x 128 SVD took 2.4 s instead of 5 ms on 2 shared cores)."""
-    return _controller().limit(limits=1) if n_values < _SMALL else contextlib.nullcontext()
+    return blas_controller().limit(limits=1) if n_values < _SMALL else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -89,24 +83,10 @@ def _small_torch(n_values: int, n_classes: int):
         torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
-def parallel_fits(n_jobs: int) -> Iterator[int]:
-    """Independent probe fits side by side on the CPU: yields how many to run at once (one per torch thread,
-    at most `n_jobs`; call the fits from that many Python threads), with torch and BLAS on one thread each
-    meanwhile. Torch ops release the GIL, so fits on one thread each use the cores in parallel, and each fit
-    keeps its one-thread speed (above). One worker, or on the GPU: yields 1 and changes nothing. The results
-    are those of the same fits run one after another on one thread: nothing is shared between them."""
-    threads = torch.get_num_threads()
-    workers = min(threads, n_jobs)
-    if workers <= 1 or torch.cuda.is_available():
-        yield 1
-        return
-    torch.set_num_threads(1)
-    try:
-        with _controller().limit(limits=1):
-            yield workers
-    finally:
-        torch.set_num_threads(threads)
+def parallel_fits(n_jobs: int) -> contextlib.AbstractContextManager[int]:
+    """`probes.runtime.side_by_side` for probe fits (where `_fit_torch` runs them): how many independent fits
+    to run at once from Python threads, each on one thread (its fastest, above); 1 on the GPU."""
+    return side_by_side(n_jobs, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def flat(x: np.ndarray) -> np.ndarray:

@@ -8,15 +8,18 @@ so these live here, in the lower of the two rooms. Nothing here loads a dataset,
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 from models.errors import UserError
 
-__all__ = ["DataError", "LabeledImages", "batches", "resolve_device", "autocast", "bar_disabled"]
+__all__ = ["DataError", "LabeledImages", "batches", "resolve_device", "autocast", "bar_disabled", "side_by_side",
+           "blas_controller"]
 
 
 class DataError(UserError):
@@ -169,3 +172,32 @@ def autocast(device: torch.device, cache: bool = True):
 def bar_disabled(progress: bool | None) -> bool | None:
     """tqdm's `disable`: None (the default) shows bars on a terminal only."""
     return None if progress is None else not progress
+
+
+@functools.lru_cache(maxsize=1)
+def blas_controller() -> ThreadpoolController:
+    """numpy's BLAS thread pools (found once: each lookup reads /proc/self/maps)."""
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def side_by_side(n_jobs: int, device: torch.device | str = "cpu") -> Iterator[int]:
+    """Independent jobs side by side on the CPU: yields how many to run at once (one per torch thread, at most
+    `n_jobs`; run the jobs from that many Python threads), with torch and BLAS on one thread each meanwhile.
+
+    Torch ops release the GIL, so jobs on one thread each keep every core busy, and none pays for splitting
+    small ops between threads: on 2 cores, two model forwards at once on one thread each ran 720 images/s
+    where one forward on two threads ran 585 (Steps-DeiT-micro, batch 256), and two probe fits at once took
+    0.79 s where one after the other on two threads took 1.42. One worker, or a GPU: yields 1, changes nothing.
+    """
+    threads = torch.get_num_threads()
+    workers = min(threads, n_jobs)
+    if workers <= 1 or torch.device(device).type != "cpu":
+        yield 1
+        return
+    torch.set_num_threads(1)
+    try:
+        with blas_controller().limit(limits=1):
+            yield workers
+    finally:
+        torch.set_num_threads(threads)

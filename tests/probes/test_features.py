@@ -127,3 +127,39 @@ def test_unknown_feature_and_pool(steps, ds):
         extract(steps, ds, ["nope"], cache=False)
     with pytest.raises(FeatureError, match="unknown pool 'max'"):
         extract(steps, ds, ["final"], pool="max", cache=False)
+
+
+@pytest.mark.parametrize("name", ["steps_deit_micro", "steps_swin_micro", "steps_resnet_micro", "swin_micro"])
+def test_batches_side_by_side_give_the_one_thread_features(name, ds):
+    """On the CPU `extract` runs one batch per torch thread at once (each forward on one thread, its hooks
+    seeing only its own pass): every family gives the features of one batch after another, row for row."""
+    torch.manual_seed(0)
+    model = models.create_model(name, num_classes=16).eval()
+    sites = ["final", "blocks.1"] + (["slow_path", "fast_path"] if name.startswith("steps") else [])
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):  # 8 batches of 4: one at a time, then two at a time
+            torch.set_num_threads(n)
+            outs.append(extract(model, ds, sites, batch_size=4, cache=False))
+    finally:
+        torch.set_num_threads(threads)
+    for s in sites:
+        np.testing.assert_array_equal(outs[0][s], outs[1][s], err_msg=s)
+    assert not any(m._forward_hooks for m in model.modules())  # every pass removed its hooks
+
+
+def test_forward_paths_from_two_threads_at_once_each_get_their_own_pass(steps, ds):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.sites import forward_paths
+
+    a, b = ds.normalise(ds.images[:8]), ds.normalise(ds.images[8:16])
+    with torch.no_grad():
+        ref = {k: forward_paths(steps, x, ["final", "blocks.3"]) for k, x in (("a", a), ("b", b))}
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(forward_paths, steps, x, ["final", "blocks.3"]) for x in (a, b) * 20]
+            got = [r.result() for r in runs]
+    for i, out in enumerate(got):
+        for site in ("final", "blocks.3"):
+            torch.testing.assert_close(out[site], ref["ab"[i % 2]][site], rtol=0, atol=0)
