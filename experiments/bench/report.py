@@ -9,6 +9,8 @@ Metric names (MLflow run of kind ``bench``; <model> is the Steps model unless sa
     ratio.<model>.paths                   forward_paths (all paths) images/s / forward images/s
     ratio.<model>.train_compiled | .infer_compiled   compiled Steps / compiled baseline (with --compile)
     ratio.<model>.infer_graphed | .train_graphed   with CUDA graphs (with --cuda-graphs)
+    sweep.<model>.b<batch>.infer | .train   the eager ratio at that batch size (section sweep);
+    sweep.<model>.b<batch>.train_peak_ratio | .infer_peak_ratio   Steps / baseline peak memory (CUDA)
     ips.<name>.infer | .train             images/s of every model, Steps and baseline
     overhead.<model>.infer | .train       Steps stacks time / same blocks on pre-made inputs - 1
     wiring.<model>.infer | .train         time of the Steps wiring alone (blocks taken out) / Steps stacks time
@@ -226,6 +228,24 @@ def markdown(rep: dict) -> str:
               "reduce-overhead adds CUDA graphs. Frames/graphs/breaks are counted by Dynamo over the compile and "
               "two more calls: one frame and one graph means the Steps stacks trace into one graph, with no "
               "recompile per step.", ""]
+    if rep.get("sweep"):
+        L += ["## Batch sizes (eager)", "",
+              "Steps / baseline images/s at each batch size, interleaved; peak = memory allocated during one call "
+              "above what was allocated before it (activations and workspace), Steps / baseline (CUDA only).", "",
+              "| Steps model | batch | infer S | infer B | **infer ratio** | train S | train B | **train ratio** | "
+              "infer peak MiB S / B | train peak MiB S / B | **train peak ratio** |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for sw in rep["sweep"]:
+            for r in sw["rows"]:
+                if r.get("oom"):
+                    L.append(f"| {sw['steps']} | {r['batch']} | out of memory |" + " |" * 8)
+                    continue
+                i, t = r["infer"], r["train"]
+                L.append(f"| {sw['steps']} | {r['batch']} | {i['ips']['steps']:.0f} | {i['ips']['baseline']:.0f} | "
+                         f"{rng(i['ratio'])} | {t['ips']['steps']:.0f} | {t['ips']['baseline']:.0f} | "
+                         f"{rng(t['ratio'])} | {fmt(i['peak_mib']['steps'], 0)} / {fmt(i['peak_mib']['baseline'], 0)} | "
+                         f"{fmt(t['peak_mib']['steps'], 0)} / {fmt(t['peak_mib']['baseline'], 0)} | "
+                         f"{fmt(t['peak_ratio'], 2)} |")
+        L.append("")
     if rep.get("graphs"):
         L += ["## CUDA graphs (whole model)", "",
               "| Steps model | infer S | infer B | **infer ratio** | train S | train B | **train ratio** |",
@@ -342,6 +362,11 @@ def metrics_of(rep: dict) -> dict[str, float]:
     for g in rep.get("graphs", []):
         for mode in ("infer", "train"):
             m[f"ratio.{g['steps']}.{mode}_graphed"] = g[mode]["ratio"]["median"]
+    for sw in rep.get("sweep", []):
+        for r in sw["rows"]:
+            for mode in ("infer", "train") if not r.get("oom") else ():
+                m[f"sweep.{sw['steps']}.b{r['batch']}.{mode}"] = r[mode]["ratio"]["median"]
+                m[f"sweep.{sw['steps']}.b{r['batch']}.{mode}_peak_ratio"] = r[mode]["peak_ratio"]
     return {k: float(v) for k, v in m.items() if v is not None}
 
 

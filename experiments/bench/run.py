@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from experiments.bench import (attribution, compiled, graphs, overhead, paths, probe, probe_run, profile, scale,
-                               throughput)
+                               sweep, throughput)
 from experiments.bench.harness import Pair, Setup, build, elapsed, free, log, optional, slug
 from experiments.bench.machine import contention, matmul_peak
 from experiments.bench.report import markdown, write
@@ -25,7 +25,7 @@ from models.registry import BASELINE_OF
 # The sections run on each built pair, in this order: graphs last, as make_graphed_callables replaces forward.
 PAIR_SECTIONS: dict[str, Callable[[Pair, Setup], dict]] = {
     "throughput": throughput.run, "overhead": overhead.run, "paths": paths.run, "profile": profile.run,
-    "graphs": graphs.run}
+    "sweep": sweep.run, "graphs": graphs.run}
 # The sections run once, after the pairs, each with its own options (see Plan): probe.run, attribution.run,
 # compiled.run.
 ONCE_SECTIONS = ("probe", "attribution", "compile", "probe_run", "scale")
@@ -73,7 +73,7 @@ def bench(setup: Setup, plan: Plan) -> dict:
                      "compile_mode": plan.compile_mode if "compile" in plan.sections else None,
                      "probe_n": plan.probe_n, "probe_d": plan.probe_d, "ig_steps": plan.ig_steps,
                      "threads": torch.get_num_threads()},
-        "throughput": [], "overhead": [], "paths": [], "profile": [], "graphs": [], "mfu": {}, "notes": notes,
+        "throughput": [], "overhead": [], "paths": [], "profile": [], "sweep": [], "graphs": [], "mfu": {}, "notes": notes,
         "errors": [],
     }
     log(f"bench on {setup.card} ({setup.slug}), {setup.dtype}, batch {setup.batch}, {setup.repeats} rounds, "

@@ -116,3 +116,40 @@ def test_report_renders_a_compile_section_stopped_after_the_steps_model(tmp_path
     md = stem.with_suffix(".md").read_text()
     assert "| steps_deit_micro | train | default | 12 / - | 1 | 1 | 0 | - | - | - | - | - |" in md
     assert rep["metrics"]["compile.steps_deit_micro.train.graphs"] == 1.0 and rep["targets"] == []
+
+
+def test_batch_sweep_section_reports_every_size_and_memory_on_cuda_only(tmp_path, monkeypatch):
+    from experiments.bench import sweep
+
+    monkeypatch.setitem(sweep.SIZES, "cpu", (2, 4))
+    bench(["--device", "cpu", "--quick", "--models", "steps_resnet_micro", "--repeats", "1", "--sections", "sweep",
+           "--no-track", "--out", str(tmp_path)])
+    data, md = outputs(tmp_path)
+    assert not data["errors"], data["errors"]
+    (sw,) = data["sweep"]
+    assert (sw["steps"], sw["baseline"]) == ("steps_resnet_micro", "resnet_micro")
+    assert [r["batch"] for r in sw["rows"]] == [2, 4]
+    for r in sw["rows"]:
+        for mode in ("infer", "train"):
+            assert r[mode]["ips"]["steps"] > 0 and set(r[mode]["ratio"]) == {"median", "min", "max", "best"}
+            assert r[mode]["peak_mib"] == {"steps": None, "baseline": None} and r[mode]["peak_ratio"] is None
+    assert data["metrics"]["sweep.steps_resnet_micro.b4.train"] == r["train"]["ratio"]["median"]
+    assert "sweep.steps_resnet_micro.b4.train_peak_ratio" not in data["metrics"]  # no memory measured on the CPU
+    assert "## Batch sizes (eager)" in md and "| steps_resnet_micro | 4 |" in md
+
+
+def test_report_renders_a_sweep_stopped_by_running_out_of_memory():
+    from experiments.bench.report import markdown, metrics_of
+
+    ratio = {"median": 0.9, "min": 0.8, "max": 1.0, "best": 0.9}
+    phase = {"ips": {"steps": 90.0, "baseline": 100.0}, "ratio": ratio,
+             "peak_mib": {"steps": 120.0, "baseline": 100.0}, "peak_ratio": 1.2}
+    rep = {"device": "nvidia-x", "card": "X", "cuda": True, "dtype": "bf16", "date": "today", "torch": "2",
+           "timm": "1", "settings": {"batch": 64, "repeats": 3, "budget_s": 270, "quick": False},
+           "sweep": [{"steps": "steps_deit_s", "baseline": "deit_s",
+                      "rows": [{"batch": 64, "infer": phase, "train": phase}, {"batch": 128, "oom": True}]}]}
+    md = markdown(rep)
+    assert "| steps_deit_s | 64 | 90 | 100 | 0.900 (0.80-1.00) |" in md and "| 120 / 100 | 1.20 |" in md
+    assert "| steps_deit_s | 128 | out of memory |" in md
+    m = metrics_of(rep)
+    assert m["sweep.steps_deit_s.b64.train_peak_ratio"] == 1.2 and not any("b128" in k for k in m)
