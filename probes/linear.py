@@ -29,6 +29,7 @@ loss, gradient and covariance, accumulated chunk by chunk over the memory-mapped
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -63,7 +64,7 @@ _ONE_THREAD_WORK = 1_000_000_000  # multiply-adds of one loss GEMM below which a
 def small_blas(n_values: int) -> contextlib.AbstractContextManager:
     """One BLAS thread for small problems: on a busy CPU, and next to torch's own thread pool, threads on tiny
     matrices cost far more than they give (a 320 x 128 SVD took 2.4 s instead of 5 ms on 2 shared cores)."""
-    return blas_controller().limit(limits=1) if n_values < _SMALL else contextlib.nullcontext()
+    return blas_controller().limit(limits=1, user_api="blas") if n_values < _SMALL else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -71,9 +72,11 @@ def _small_torch(n_values: int, n_classes: int):
     """The same for torch's CPU thread pool, by the work of one GEMM of the loss (`n_values` x classes
     multiply-adds): an L-BFGS step is a chain of ops on skinny matrices, which two threads split badly (2 CPU
     cores, one evaluation: 60000 x 384 features, 10 classes, 28 ms on one thread and 40 ms on two; 60000 x 768,
-    100 classes, 232 ms and 153 ms)."""
+    100 classes, 232 ms and 153 ms). The thread count is the process's: only the main thread changes it (fits
+    side by side in worker threads run on what `parallel_fits` gave them)."""
     threads = torch.get_num_threads()
-    if threads == 1 or n_values * n_classes >= _ONE_THREAD_WORK or torch.cuda.is_available():
+    if (threads == 1 or n_values * n_classes >= _ONE_THREAD_WORK or torch.cuda.is_available()
+            or threading.current_thread() is not threading.main_thread()):
         yield
         return
     torch.set_num_threads(1)
@@ -85,7 +88,7 @@ def _small_torch(n_values: int, n_classes: int):
 
 def parallel_fits(n_jobs: int) -> contextlib.AbstractContextManager[int]:
     """`probes.runtime.side_by_side` for probe fits (where `_fit_torch` runs them): how many independent fits
-    to run at once from Python threads, each on one thread (its fastest, above); 1 on the GPU."""
+    to run at once from Python threads (on 2 cores: two, each on one thread, its fastest); 1 on the GPU."""
     return side_by_side(n_jobs, "cuda" if torch.cuda.is_available() else "cpu")
 
 

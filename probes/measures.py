@@ -275,7 +275,7 @@ def _measure_one(xtr, xte, ltr: Labels, lte: Labels, path: str, level: str, *, f
                  probe: str, seed: int, n_boot: int, mdl: bool, curves: bool) -> dict:
     """One (path, level) job of `measure`: its rows (per detail group, then the summary), per-image measures
     for the DoL scores, the main fit (None for detail) and small-probe curve points."""
-    rows, curve_pts, fits = [], [], None
+    rows, curve_pts, main_fit = [], [], None
     results = _probe_level(xtr, xte, ltr, lte, level, probe, seed)
     correct = np.full(len(lte.fine), np.nan)
     for group, fit, mask in results:
@@ -295,7 +295,7 @@ def _measure_one(xtr, xte, ltr: Labels, lte: Labels, path: str, level: str, *, f
                xent=float(np.average([r[1].xent for r in results], weights=sizes)), C=fit.C, probe=fit.backend)
     per = {"correct": correct}
     if level != "detail":
-        fits = fit
+        main_fit = fit
     if full and level != "detail":
         y_tr, y_te = (ltr.coarse, lte.coarse) if level == "coarse" else (ltr.fine, lte.fine)
         n_classes = len(ltr.coarse_names) if level == "coarse" else len(ltr.fine_to_coarse)
@@ -314,7 +314,7 @@ def _measure_one(xtr, xte, ltr: Labels, lte: Labels, path: str, level: str, *, f
                     xtr, y_tr, xte, y_te, kk, method="random", draws=1, C=fit.C, probe=probe, seed=seed)[0]
                 curve_pts.append(dict(path=path, level=level, k=kk, acc=acc))
     rows.append(row)
-    return {"rows": rows, "per": per, "fit": fits, "curve": curve_pts}
+    return {"rows": rows, "per": per, "fit": main_fit, "curve": curve_pts}
 
 
 def measure(train: dict[str, np.ndarray], test: dict[str, np.ndarray], ltr: Labels, lte: Labels,
@@ -335,14 +335,15 @@ def measure(train: dict[str, np.ndarray], test: dict[str, np.ndarray], ltr: Labe
         return _measure_one(train[path], test[path], ltr, lte, path, level, full=path in full, k_eq=k_eq,
                             probe=probe, seed=seed, n_boot=n_boot, mdl=mdl, curves=curves)
 
-    # The (path, level) jobs share nothing: on the CPU they run side by side, each fit on one thread
-    # (`parallel_fits`), the widest and finest first so that no long job starts last. They are gathered in job
+    # The (path, level) jobs share nothing: on the CPU they run side by side (`parallel_fits`; on 2 cores two
+    # at once, each on one thread), the widest and finest first so that no long job starts last. They are gathered in job
     # order: the output does not depend on which finished first.
     def cost(path_level: tuple[str, str]) -> int:
         return train[path_level[0]].shape[-1] * (len(ltr.coarse_names) if path_level[1] == "coarse" else
                                                  len(ltr.fine_to_coarse))
 
-    with parallel_fits(len(jobs)) as workers:
+    # Streamed features keep their promise of one chunk in memory: one job at a time.
+    with parallel_fits(1 if any(_streamed(x) for x in train.values()) else len(jobs)) as workers:
         if workers == 1:
             out = {j: job(j) for j in tqdm(jobs, desc=desc, leave=False)}
         else:

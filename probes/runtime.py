@@ -19,7 +19,7 @@ from threadpoolctl import ThreadpoolController
 from models.errors import UserError
 
 __all__ = ["DataError", "LabeledImages", "batches", "resolve_device", "autocast", "bar_disabled", "side_by_side",
-           "blas_controller"]
+           "blas_controller", "MAX_SIDE_BY_SIDE"]
 
 
 class DataError(UserError):
@@ -180,24 +180,30 @@ def blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+MAX_SIDE_BY_SIDE = 4  # jobs at once: the gain is on few cores; each job holds its own activations or copies
+
+
 @contextlib.contextmanager
 def side_by_side(n_jobs: int, device: torch.device | str = "cpu") -> Iterator[int]:
     """Independent jobs side by side on the CPU: yields how many to run at once (one per torch thread, at most
-    `n_jobs`; run the jobs from that many Python threads), with torch and BLAS on one thread each meanwhile.
+    `n_jobs` and `MAX_SIDE_BY_SIDE`; run the jobs from that many Python threads), with torch's threads shared
+    out among them (one each on up to 7 cores) and BLAS on one thread meanwhile.
 
-    Torch ops release the GIL, so jobs on one thread each keep every core busy, and none pays for splitting
-    small ops between threads: on 2 cores, two model forwards at once on one thread each ran 720 images/s
-    where one forward on two threads ran 585 (Steps-DeiT-micro, batch 256), and two probe fits at once took
-    0.79 s where one after the other on two threads took 1.42. One worker, or a GPU: yields 1, changes nothing.
+    Torch ops release the GIL, so jobs side by side keep every core busy, and on few cores none pays for
+    splitting small ops between threads: on 2 cores, two model forwards at once on one thread each ran 720
+    images/s where one forward on two threads ran 585 (Steps-DeiT-micro, batch 256), and two probe fits at once
+    took 0.79 s where one after the other on two threads took 1.42. Memory grows with the jobs at once (each
+    holds its own activations or feature copies), hence the cap. One job, one thread or a GPU: yields 1 and
+    changes nothing. Only the calling (main) thread changes the thread settings.
     """
     threads = torch.get_num_threads()
-    workers = min(threads, n_jobs)
+    workers = min(threads, n_jobs, MAX_SIDE_BY_SIDE)
     if workers <= 1 or torch.device(device).type != "cpu":
         yield 1
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads // workers)
     try:
-        with blas_controller().limit(limits=1):
+        with blas_controller().limit(limits=1, user_api="blas"):
             yield workers
     finally:
         torch.set_num_threads(threads)

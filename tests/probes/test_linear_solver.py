@@ -106,16 +106,16 @@ def test_the_hand_written_gradient_is_autograds_summed_over_parts():
     torch.testing.assert_close(gb, b.grad)
 
 
-def test_parallel_fits_one_thread_each_and_restores_the_pools():
+def test_parallel_fits_share_out_the_threads_and_restore_them():
     from probes.linear import parallel_fits
 
     threads = torch.get_num_threads()
+    cpu = not torch.cuda.is_available()
     try:
-        torch.set_num_threads(2)
-        with parallel_fits(6) as workers:
-            assert (workers, torch.get_num_threads()) == ((1, 2) if torch.cuda.is_available() else (2, 1))
-        assert torch.get_num_threads() == 2
-        with parallel_fits(1) as workers:  # one job: nothing to share, nothing changed
-            assert (workers, torch.get_num_threads()) == (1, 2)
+        for n, jobs, want in ((2, 6, (2, 1)), (8, 6, (4, 2)), (8, 3, (3, 2)), (2, 1, (1, 2))):
+            torch.set_num_threads(n)
+            with parallel_fits(jobs) as workers:  # at most 4 at once; one job: nothing changed
+                assert (workers, torch.get_num_threads()) == (want if cpu else (1, n)), (n, jobs)
+            assert torch.get_num_threads() == n
     finally:
         torch.set_num_threads(threads)
