@@ -336,14 +336,15 @@ def measure(train: dict[str, np.ndarray], test: dict[str, np.ndarray], ltr: Labe
                             probe=probe, seed=seed, n_boot=n_boot, mdl=mdl, curves=curves)
 
     # The (path, level) jobs share nothing: on the CPU they run side by side (`parallel_fits`; on 2 cores two
-    # at once, each on one thread), the widest and finest first so that no long job starts last. They are gathered in job
-    # order: the output does not depend on which finished first.
+    # at once, each on one thread), the widest and finest first so that no long job starts last. They are
+    # gathered in job order: the output does not depend on which finished first.
     def cost(path_level: tuple[str, str]) -> int:
         return train[path_level[0]].shape[-1] * (len(ltr.coarse_names) if path_level[1] == "coarse" else
                                                  len(ltr.fine_to_coarse))
 
     # Streamed features keep their promise of one chunk in memory: one job at a time.
-    with parallel_fits(1 if any(_streamed(x) for x in train.values()) else len(jobs)) as workers:
+    streamed = any(_streamed(x) for x in train.values())
+    with parallel_fits(1 if streamed else len(jobs)) as workers:
         if workers == 1:
             out = {j: job(j) for j in tqdm(jobs, desc=desc, leave=False)}
         else:

@@ -233,7 +233,8 @@ def markdown(rep: dict) -> str:
               "Steps / baseline images/s at each batch size, interleaved; peak = memory allocated during one call "
               "above what was allocated before it (activations and workspace), Steps / baseline (CUDA only).", "",
               "| Steps model | batch | infer S | infer B | **infer ratio** | train S | train B | **train ratio** | "
-              "infer peak MiB S / B | train peak MiB S / B | **train peak ratio** |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "infer peak MiB S / B | train peak MiB S / B | **train peak ratio** |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for sw in rep["sweep"]:
             for r in sw["rows"]:
                 if r.get("oom"):
@@ -242,9 +243,12 @@ def markdown(rep: dict) -> str:
                 i, t = r["infer"], r["train"]
                 L.append(f"| {sw['steps']} | {r['batch']} | {i['ips']['steps']:.0f} | {i['ips']['baseline']:.0f} | "
                          f"{rng(i['ratio'])} | {t['ips']['steps']:.0f} | {t['ips']['baseline']:.0f} | "
-                         f"{rng(t['ratio'])} | {fmt(i['peak_mib']['steps'], 0)} / {fmt(i['peak_mib']['baseline'], 0)} | "
+                         f"{rng(t['ratio'])} | "
+                         f"{fmt(i['peak_mib']['steps'], 0)} / {fmt(i['peak_mib']['baseline'], 0)} | "
                          f"{fmt(t['peak_mib']['steps'], 0)} / {fmt(t['peak_mib']['baseline'], 0)} | "
                          f"{fmt(t['peak_ratio'], 2)} |")
+            if sw.get("stopped"):
+                L.append(f"| {sw['steps']} | {sw['stopped']} |" + " |" * 9)
         L.append("")
     if rep.get("graphs"):
         L += ["## CUDA graphs (whole model)", "",

@@ -73,8 +73,8 @@ def bench(setup: Setup, plan: Plan) -> dict:
                      "compile_mode": plan.compile_mode if "compile" in plan.sections else None,
                      "probe_n": plan.probe_n, "probe_d": plan.probe_d, "ig_steps": plan.ig_steps,
                      "threads": torch.get_num_threads()},
-        "throughput": [], "overhead": [], "paths": [], "profile": [], "sweep": [], "graphs": [], "mfu": {}, "notes": notes,
-        "errors": [],
+        "throughput": [], "overhead": [], "paths": [], "profile": [], "sweep": [], "graphs": [], "mfu": {},
+        "notes": notes, "errors": [],
     }
     log(f"bench on {setup.card} ({setup.slug}), {setup.dtype}, batch {setup.batch}, {setup.repeats} rounds, "
         f"models {', '.join(plan.models)}, sections {', '.join(plan.sections)}, budget {setup.budget_s:.0f} s")

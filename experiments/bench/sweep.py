@@ -47,9 +47,9 @@ def run(pair: Pair, setup: Setup) -> dict:
             for phase in ("infer", "train"):
                 for b in pair:
                     b.model.train(phase == "train")
-                fns = ({"steps": inferer(steps.model, x, setup.device), "base": inferer(base.model, x, setup.device)}
-                       if phase == "infer" else
-                       {"steps": trainer(steps.model, x, y, setup.device), "base": trainer(base.model, x, y, setup.device)})
+                make = (lambda m: inferer(m, x, setup.device)) if phase == "infer" else (
+                    lambda m: trainer(m, x, y, setup.device))
+                fns = {"steps": make(steps.model), "base": make(base.model)}
                 t = interleave(fns, setup, repeats=setup.repeats_secondary)
                 peak = {name: peak_mib(fn, setup.device) for name, fn in fns.items()}
                 row[phase] = {"ips": {"steps": t.ips("steps", batch), "baseline": t.ips("base", batch)},
