@@ -19,7 +19,8 @@ MODEL = "steps_deit_micro"
 
 
 def run(setup: Setup, notes: list[str], tracking_uri: str | None = None) -> dict | None:
-    """{"cold_s", "cached_s", "n_train", "n_test", "dol_acc"}; None (noted) without a frozen demo model."""
+    """{"cold_s", "cached_s", "refusal_s", "n_train", "n_test", "dol_acc", "metrics"}; None (noted) without a
+    frozen demo model."""
     from experiments import tracking
     from experiments.options import ProbeConfig
     from experiments.probe_run import run_probe
@@ -49,6 +50,7 @@ def run(setup: Setup, notes: list[str], tracking_uri: str | None = None) -> dict
     res["n_train"] = int(next(r["n_train"] for r in report.rows if "n_train" in r))
     res["n_test"] = int(next(r["n_test"] for r in report.rows if "n_test" in r))
     res["dol_acc"] = report.dol["acc"][0] if "acc" in report.dol else None
+    res["metrics"] = report.metrics  # every number of the cached run: versions compare by their JSON files
     res["device"] = setup.slug
     res["refusal_s"] = refusal_seconds()
     return res
