@@ -64,7 +64,7 @@ _ONE_THREAD_WORK = 1_000_000_000  # multiply-adds of one loss GEMM below which a
 def small_blas(n_values: int) -> contextlib.AbstractContextManager:
     """One BLAS thread for small problems: on a busy CPU, and next to torch's own thread pool, threads on tiny
     matrices cost far more than they give (a 320 x 128 SVD took 2.4 s instead of 5 ms on 2 shared cores)."""
-    return blas_controller().limit(limits=1, user_api="blas") if n_values < _SMALL else contextlib.nullcontext()
+    return blas_controller().limit(limits=1) if n_values < _SMALL else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
