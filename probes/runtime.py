@@ -204,8 +204,8 @@ def side_by_side(n_jobs: int, device: torch.device | str = "cpu") -> Iterator[in
     per_job = threads // workers
     torch.set_num_threads(per_job)
     try:
-        # BLAS and OpenMP (what threadpoolctl finds) to the same share: on 2 cores, one thread each cut a cached
-        # probe run from 34 s (BLAS alone limited) to 30 s.
+        # OpenMP and BLAS (what threadpoolctl finds) to the same share: on 2 cores, with both at one thread a
+        # cached probe run took 26 s; with BLAS alone limited (here and in probes.linear.small_blas), 34 s.
         with blas_controller().limit(limits=per_job):
             yield workers
     finally:
