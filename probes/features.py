@@ -42,14 +42,12 @@ resumable; see `probes.shards`) and every name comes back as a lazily selected `
 """
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -63,7 +61,7 @@ from models.errors import UserError
 from models.registry import BASELINE_OF, create_model
 from models.sites import channel_dim, forward_paths, path_split, site_modules
 from probes.choices import DTYPES, POOLS
-from probes.runtime import LabeledImages, autocast, batches, resolve_device, side_by_side
+from probes.runtime import LabeledImages, batches, forward_pass, resolve_device
 from probes.shards import ShardedArray, extract_shards, shard_dir
 
 __all__ = ["POOLS", "FeatureError", "FeatureSpec", "pool_site", "extract", "extract_sharded", "feature_bytes",
@@ -313,46 +311,24 @@ def _check_finite(site: str, arr: np.ndarray, model_name: str, pool: str) -> Non
 
 def _forward(model: nn.Module, ds: LabeledImages, sites: list[str], pool: str, batch_size: int,
              device: torch.device, dtype: str, desc: str) -> dict[str, np.ndarray]:
-    """One batched inference-mode pass capturing `sites`, pooled, as `dtype` arrays on the CPU.
-
-    On the CPU the batches run side by side, one per torch thread, each forward on one thread
-    (`probes.runtime.side_by_side`; `forward_paths` is thread-safe): the same numbers, written to the same rows.
-    """
+    """`probes.runtime.forward_pass` over `ds` capturing `sites`, pooled, as `dtype` arrays on the CPU."""
     was_training, old_device = model.training, next(model.parameters(), torch.empty(0)).device
     model.eval().to(device)
     parts: dict[str, torch.Tensor] = {}
     target = getattr(torch, dtype)
 
-    def run(start: int, images: torch.Tensor) -> int:
-        # inference_mode, not no_grad: no version counters or view tracking on the activations (identical
-        # numbers). Both are per thread, as is autocast, so each batch enters them itself. Each pooled batch is
-        # written once into its rows of the preallocated [N, ...] array (no parts, no final concatenation: half
-        # the peak memory); `.float()` and `.to` are no-ops for fp32 on the CPU.
-        with torch.inference_mode(), autocast(device):
-            out = forward_paths(model, images, sites)
-            for s in sites:
-                pooled = pool_site(out[s], model, pool).float().to("cpu", target)
-                if s not in parts:  # the first batch, run alone: the arrays exist before any worker starts
-                    parts[s] = torch.empty((len(ds), *pooled.shape[1:]), dtype=target)
-                parts[s][start:start + len(pooled)] = pooled
-        return len(images)
+    def write(site: str, start: int, pooled: torch.Tensor) -> None:
+        # Each pooled batch is written once into its rows of one preallocated [N, ...] array (no parts, no final
+        # concatenation: half the peak memory); `.float()` and `.to` are no-ops for fp32 on the CPU.
+        pooled = pooled.float().to("cpu", target)
+        if site not in parts:  # the first batch: forward_pass runs it alone
+            parts[site] = torch.empty((len(ds), *pooled.shape[1:]), dtype=target)
+        parts[site][start:start + len(pooled)] = pooled
 
-    n_batches = -(-len(ds) // batch_size)
-    try:  # on an error or Ctrl-C the pool finishes what is in flight (a few batches) and starts nothing more
-        with side_by_side(n_batches - 1, device) as workers, ThreadPoolExecutor(workers) as pool_ex, \
-                tqdm(total=len(ds), desc=desc, unit="img", leave=False) as bar:
-            pending: collections.deque = collections.deque()
-            start = 0
-            for images, _, _ in batches(ds, batch_size, shuffle=False, device=device):
-                if start == 0 or workers == 1:
-                    bar.update(run(start, images))
-                else:  # at most two batches a worker in flight: memory stays a few batches
-                    pending.append(pool_ex.submit(run, start, images))
-                    if len(pending) >= 2 * workers:
-                        bar.update(pending.popleft().result())
-                start += len(images)
-            while pending:
-                bar.update(pending.popleft().result())
+    try:
+        with tqdm(total=len(ds), desc=desc, unit="img", leave=False) as bar:
+            forward_pass(model, (x for x, _, _ in batches(ds, batch_size, shuffle=False, device=device)), sites,
+                         lambda t: pool_site(t, model, pool), write, device, bar.update)
     finally:
         model.to(old_device).train(was_training)
     return {s: p.numpy() for s, p in parts.items()}

@@ -7,19 +7,22 @@ so these live here, in the lower of the two rooms. Nothing here loads a dataset,
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
-from typing import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
 from models.errors import UserError
+from models.sites import forward_paths
 
 __all__ = ["DataError", "LabeledImages", "batches", "resolve_device", "autocast", "bar_disabled", "side_by_side",
-           "blas_controller", "MAX_SIDE_BY_SIDE"]
+           "blas_controller", "MAX_SIDE_BY_SIDE", "forward_pass"]
 
 
 class DataError(UserError):
@@ -210,3 +213,40 @@ def side_by_side(n_jobs: int, device: torch.device | str = "cpu") -> Iterator[in
             yield workers
     finally:
         torch.set_num_threads(threads)
+
+
+def forward_pass(model: torch.nn.Module, batches: Iterable[torch.Tensor], sites: Sequence[str],
+                 pool_fn: Callable[[torch.Tensor], torch.Tensor], write: Callable[[str, int, torch.Tensor], None],
+                 device: torch.device, on_batch: Callable[[int], None] = lambda n: None) -> None:
+    """The one batched extraction pass: `model` (in eval mode, on `device`) over `batches` of normalised images,
+    in order; each requested site pooled by `pool_fn` and handed to `write(site, first_row, pooled)`, where
+    first_row counts images from the start of `batches`; `on_batch(n_images)` after each batch (progress).
+
+    Inference mode, bf16 autocast on CUDA. On the CPU the batches run side by side, one per job of
+    `side_by_side` (`forward_paths` is thread-safe), after the first, alone, so that `write` can allocate on it:
+    the same numbers into the same rows. At most two batches a job are in flight (memory stays a few batches);
+    on an error or Ctrl-C those in flight finish and no more start.
+    """
+    def run(start: int, images: torch.Tensor) -> int:
+        # inference_mode, not no_grad: no version counters or view tracking on the activations (identical
+        # numbers). Both are per thread, as is autocast, so each batch enters them itself.
+        with torch.inference_mode(), autocast(device):
+            out = forward_paths(model, images, sites)
+            for s in sites:
+                write(s, start, pool_fn(out[s]))
+        return len(images)
+
+    threads = torch.get_num_threads()
+    with side_by_side(threads, device) as workers, ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        start = 0
+        for images in batches:
+            if start == 0 or workers == 1:
+                on_batch(run(start, images))
+            else:
+                pending.append(pool.submit(run, start, images))
+                if len(pending) >= 2 * workers:
+                    on_batch(pending.popleft().result())
+            start += len(images)
+        while pending:
+            on_batch(pending.popleft().result())

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.sites import forward_paths
 from probes.choices import DTYPES
+from probes.runtime import batches, forward_pass
 
 __all__ = ["ShardedArray", "extract_shards", "open_shards", "shard_dir", "MANIFEST"]
 
@@ -161,7 +161,6 @@ def _shard_batches(ds: Any, lo: int, hi: int, batch_size: int, device: torch.dev
         for images, _, _ in ds.loader(batch_size, shuffle=False, seed=0, workers=workers, sampler=range(lo, hi)):
             yield images.to(device, non_blocking=True)
     else:
-        from probes.runtime import batches
         yield from (images for images, _, _ in batches(ds.subset(np.arange(lo, hi)), batch_size, shuffle=False,
                                                        device=device))
 
@@ -217,21 +216,21 @@ def extract_shards(model: nn.Module, ds: Any, sites: Sequence[str], *, directory
     todo = [i for i in mine if any(_open(directory / _file(s, i), key) is None for s in sites)]
     was_training = model.training
     model.eval().to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    target = getattr(torch, dtype)
     try:
-        with torch.no_grad(), autocast, tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo),
-                                             desc=f"features rank {rank}/{world}", unit="img", leave=False) as bar:
+        with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc=f"features rank {rank}/{world}",
+                  unit="img", leave=False) as bar:
             for i in todo:
                 lo, hi = bounds[i]
-                parts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-                for images in _shard_batches(ds, lo, hi, batch_size, device, workers):
-                    out = forward_paths(model, images, sites)
-                    for s in sites:
-                        parts[s].append(pool_fn(out[s]).float().cpu().to(getattr(torch, dtype)))
-                    bar.update(len(images))
+                parts: dict[str, dict[int, torch.Tensor]] = {s: {} for s in sites}
+
+                def write(site: str, start: int, pooled: torch.Tensor) -> None:  # noqa: B023 - used at once
+                    parts[site][start] = pooled.float().cpu().to(target)
+
+                forward_pass(model, _shard_batches(ds, lo, hi, batch_size, device, workers), sites, pool_fn, write,
+                             device, bar.update)
                 for s in sites:
-                    arr = torch.cat(parts[s]).numpy()
+                    arr = torch.cat([parts[s][k] for k in sorted(parts[s])]).numpy()
                     if len(arr) != hi - lo:
                         raise RuntimeError(f"shard {i}: the loader gave {len(arr)} examples, expected {hi - lo}")
                     if check is not None:
