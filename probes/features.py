@@ -1,8 +1,8 @@
 """Features, once: pooled activations of a frozen model over a dataset split, cached on disk.
 
 `extract(model, ds, names)` is the one place feature extraction lives (probes, attribution and figures reuse
-it). It runs ONE inference-mode, eval-mode, batched pass per (model, dataset split) for the sites it does not
-find in the cache, and returns ``name -> float32 array``: ``[N, C]`` for pool ``cls``/``mean``, ``[N, T, C]`` for
+it). It runs ONE inference-mode, eval-mode, batched pass (`probes.runtime.forward_pass`, which the sharded
+cache shares) per (model, dataset split) for the sites it does not find in the cache, and returns ``name -> float32 array``: ``[N, C]`` for pool ``cls``/``mean``, ``[N, T, C]`` for
 ``tokens``.
 
 Feature names ("where to probe"). Every site of `models.sites` (``final``, ``blocks.{k}``, ``logits``,

@@ -1,4 +1,5 @@
-"""What instruments and jobs share: the labelled-image container, batching over it, device and precision.
+"""What instruments and jobs share: the labelled-image container, batching over it, device and precision, the
+one batched extraction pass (`forward_pass`) and the CPU's thread policy for jobs side by side (`side_by_side`).
 
 Instruments (`probes.*`) take a model and a `LabeledImages` (uint8 images with fine and coarse labels, in
 memory) or tensors; jobs (`experiments.*`) build them from datasets and call the instruments. Both need the
