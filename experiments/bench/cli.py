@@ -58,6 +58,8 @@ class BenchConfig:
     compile_mode: str = opt("default", "torch.compile mode (reduce-overhead adds CUDA graphs).",
                             choices=COMPILE_MODES)
     cuda_graphs: bool = opt(False, "Add the CUDA graphs section (CUDA only).")
+    fused_window_attn: bool = opt(False, "Swin pairs: both models' window attention through scaled_dot_product_"
+                                  "attention (timm's fused path, off by default there as experimental).")
     graphs_models: str | None = opt(None, "Steps models for --cuda-graphs, of those measured. [default: the micro "
                                     f"ones and {', '.join(n for n in GRAPHS_DEFAULT if 'micro' not in n)}]")
     probe_n: int | None = opt(None, f"Probe training rows. [default: {PROBE_N['full']}; --quick {PROBE_N['quick']}]")
@@ -114,7 +116,7 @@ def setup_of(cfg: BenchConfig, t0: float) -> Setup:
                  batch=cfg.batch or (QUICK_CPU_BATCH if cfg.quick and kind == "cpu" else BATCH),
                  repeats=cfg.repeats or (QUICK_REPEATS if cfg.quick else REPEATS)[kind],
                  target_s=0.15 if kind == "cuda" else 0.3, warmup=2 if kind == "cuda" else 1, budget_s=budget_s,
-                 deadline=t0 + budget_s, quick=cfg.quick)
+                 deadline=t0 + budget_s, quick=cfg.quick, fused_window_attn=cfg.fused_window_attn)
 
 
 def plan_of(cfg: BenchConfig, setup: Setup) -> Plan:

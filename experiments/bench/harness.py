@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 import models  # registers the models in timm
@@ -45,6 +46,7 @@ class Setup:
     budget_s: float
     deadline: float    # perf_counter() value the run must end by
     quick: bool
+    fused_window_attn: bool = False  # Swin: timm's fused (SDPA) window attention in both models of a pair
 
     @property
     def repeats_secondary(self) -> int:
@@ -216,6 +218,16 @@ def macs_and_volume(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int,
     return macs, total[0]
 
 
+def fuse_window_attention(model: nn.Module) -> int:
+    """Switch every Swin window attention of `model` to timm's fused path (scaled_dot_product_attention with the
+    relative-position bias and shift mask as its attention mask: the same function, one kernel where the GPU has
+    one); returns how many modules it switched (0 for models without window attention)."""
+    mods = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    for m in mods:
+        m.fused_attn = True
+    return len(mods)
+
+
 def build(name: str, setup: Setup) -> Built:
     """The model on CPU (MACs, params, block volume counted there), then on the device."""
     torch.manual_seed(0)
@@ -224,6 +236,8 @@ def build(name: str, setup: Setup) -> Built:
     size = tuple(int(v) for v in model.pretrained_cfg["input_size"])
     (macs, volume), params = macs_and_volume(model, size), count_params(model)
     channels_last = setup.cuda and family_of(name) == "resnet"
+    if setup.fused_window_attn:
+        fuse_window_attention(model)
     model = model.to(setup.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -90,7 +90,8 @@ def markdown(rep: dict) -> str:
     L = [f"# StepsLab bench: {rep['device']}" + (f" ({rep['tag']})" if rep.get("tag") else ""), "",
          f"{rep['date']} - torch {rep['torch']}, timm {rep['timm']}, {rep['card']}, {rep['dtype']}, batch "
          f"{st['batch']}, {st['repeats']} interleaved rounds, budget {st['budget_s']} s, total "
-         f"{fmt(rep.get('total_s'), 1)} s{' (--quick)' if st['quick'] else ''}.", "",
+         f"{fmt(rep.get('total_s'), 1)} s{' (--quick)' if st['quick'] else ''}"
+         f"{'; Swin window attention fused (SDPA) in both models' if st.get('fused_window_attn') else ''}.", "",
          "Ratios are Steps / baseline (or paths / forward) measured in this run, interleaved; median of the "
          "rounds' ratios, min-max in brackets; best = ratio of the two sides' fastest rounds (noise from other "
          "processes only adds time). Absolute images/s (medians) move with the machine's load; ratios do not "

@@ -72,7 +72,7 @@ def bench(setup: Setup, plan: Plan) -> dict:
                      "target_s": setup.target_s, "channels_last_resnet": setup.cuda,
                      "compile_mode": plan.compile_mode if "compile" in plan.sections else None,
                      "probe_n": plan.probe_n, "probe_d": plan.probe_d, "ig_steps": plan.ig_steps,
-                     "threads": torch.get_num_threads()},
+                     "threads": torch.get_num_threads(), "fused_window_attn": setup.fused_window_attn},
         "throughput": [], "overhead": [], "paths": [], "profile": [], "sweep": [], "graphs": [], "mfu": {},
         "notes": notes, "errors": [],
     }

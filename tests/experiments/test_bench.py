@@ -153,3 +153,20 @@ def test_report_renders_a_sweep_stopped_by_running_out_of_memory():
     assert "| steps_deit_s | 128 | out of memory |" in md
     m = metrics_of(rep)
     assert m["sweep.steps_deit_s.b64.train_peak_ratio"] == 1.2 and not any("b128" in k for k in m)
+
+
+def test_fused_window_attention_switches_both_swin_models_and_keeps_their_outputs():
+    import torch
+
+    import models
+    from experiments.bench.harness import fuse_window_attention
+
+    x = torch.randn(2, 1, 28, 28)
+    for name in ("steps_swin_micro", "swin_micro"):
+        torch.manual_seed(0)
+        model = models.create_model(name, num_classes=10).eval()
+        with torch.no_grad():
+            ref = model(x)
+            assert fuse_window_attention(model) > 0
+            torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    assert fuse_window_attention(models.create_model("steps_deit_micro", num_classes=10)) == 0
