@@ -2,8 +2,8 @@
 
 `extract(model, ds, names)` is the one place feature extraction lives (probes, attribution and figures reuse
 it). It runs ONE inference-mode, eval-mode, batched pass (`probes.runtime.forward_pass`, which the sharded
-cache shares) per (model, dataset split) for the sites it does not find in the cache, and returns ``name -> float32 array``: ``[N, C]`` for pool ``cls``/``mean``, ``[N, T, C]`` for
-``tokens``.
+cache shares) per (model, dataset split) for the sites it does not find in the cache, and returns
+``name -> float32 array``: ``[N, C]`` for pool ``cls``/``mean``, ``[N, T, C]`` for ``tokens``.
 
 Feature names ("where to probe"). Every site of `models.sites` (``final``, ``blocks.{k}``, ``logits``,
 ``stages.{s}.steps.{i}.{y_prev,x,y}``) is a feature name, plus these channel selections of a site:

@@ -180,7 +180,8 @@ def bar_disabled(progress: bool | None) -> bool | None:
 
 @functools.lru_cache(maxsize=1)
 def blas_controller() -> ThreadpoolController:
-    """numpy's BLAS thread pools (found once: each lookup reads /proc/self/maps)."""
+    """The thread pools threadpoolctl finds: numpy's BLAS, OpenMP (found once: each lookup reads
+    /proc/self/maps)."""
     return ThreadpoolController()
 
 
@@ -189,9 +190,9 @@ MAX_SIDE_BY_SIDE = 4  # jobs at once: the gain is on few cores; each job holds i
 
 @contextlib.contextmanager
 def side_by_side(n_jobs: int, device: torch.device | str = "cpu") -> Iterator[int]:
-    """Independent jobs side by side on the CPU: yields how many to run at once (one per torch thread, at most
+    """Independent jobs side by side on the CPU: yields how many to run at once (at most torch's threads,
     `n_jobs` and `MAX_SIDE_BY_SIDE`; run the jobs from that many Python threads), with torch's threads shared
-    out among them (one each on up to 7 cores), and BLAS's too.
+    out among them (one each on up to 7 cores), and OpenMP's and BLAS's too.
 
     Torch ops release the GIL, so jobs side by side keep every core busy, and on few cores none pays for
     splitting small ops between threads: on 2 cores, two model forwards at once on one thread each ran 720
