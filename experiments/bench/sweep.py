@@ -12,8 +12,9 @@ from typing import Any, Callable
 
 import torch
 
-from experiments.bench.harness import Pair, Setup, batch_for, free, inferer, interleave, log, sync, trainer
+from experiments.bench.harness import Pair, Setup, batch_for, free, log, sync
 from experiments.bench.report import rng
+from experiments.bench.throughput import phase
 
 SIZES = {"cuda": (64, 128, 256, 512), "cpu": (16, 32, 64, 128)}
 MIN_LEFT_S = 20.0  # least budget left to start another batch size
@@ -34,7 +35,7 @@ def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
 
 def run(pair: Pair, setup: Setup) -> dict:
     """{"steps", "baseline", "rows": [{"batch", "infer"/"train": {"ips", "ratio", "peak_mib", "peak_ratio"}} or
-    {"batch", "oom": True}]}."""
+    {"batch", "oom": True}]}; each phase also has `throughput.phase`'s CPU-time ratio and iterations."""
     steps, base = pair
     out: dict[str, Any] = {"steps": steps.name, "baseline": base.name, "rows": []}
     for batch in SIZES["cuda" if setup.cuda else "cpu"]:
@@ -44,18 +45,11 @@ def run(pair: Pair, setup: Setup) -> dict:
         x, y = batch_for(steps, setup, batch)
         row: dict[str, Any] = {"batch": batch}
         try:
-            for phase in ("infer", "train"):
-                for b in pair:
-                    b.model.train(phase == "train")
-                make = (lambda m: inferer(m, x, setup.device)) if phase == "infer" else (
-                    lambda m: trainer(m, x, y, setup.device))
-                fns = {"steps": make(steps.model), "base": make(base.model)}
-                t = interleave(fns, setup, repeats=setup.repeats_secondary)
+            for mode in ("infer", "train"):
+                row[mode], fns = phase(pair, x, y, setup, mode, repeats=setup.repeats_secondary)
                 peak = {name: peak_mib(fn, setup.device) for name, fn in fns.items()}
-                row[phase] = {"ips": {"steps": t.ips("steps", batch), "baseline": t.ips("base", batch)},
-                              "ratio": t.ratio("steps", "base"),
-                              "peak_mib": {"steps": peak["steps"], "baseline": peak["base"]},
-                              "peak_ratio": None if peak["base"] is None else peak["steps"] / peak["base"]}
+                row[mode].update(peak_mib={"steps": peak["steps"], "baseline": peak["base"]},
+                                 peak_ratio=None if peak["base"] is None else peak["steps"] / peak["base"])
         except torch.cuda.OutOfMemoryError:
             out["rows"].append({"batch": batch, "oom": True})
             log(f"sweep {steps.name}: batch {batch} ran out of device memory; the sweep stops here")

@@ -2,10 +2,27 @@
 MFU (count_macs x 2 x 3 x training images/s over the measured matmul peak) is derived from it in the report."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from experiments.bench.harness import Pair, Setup, batch_for, inferer, interleave, log, trainer
 from experiments.bench.report import rng
+
+
+def phase(pair: Pair, x: torch.Tensor, y: torch.Tensor, setup: Setup, mode: str, repeats: int | None = None
+          ) -> tuple[dict, dict[str, Callable[[], Any]]]:
+    """Both models of `pair` in `mode` (``infer``: eager inference forward; ``train``: one training step) on the
+    batch (x, y), interleaved: ({"ips", "ratio", "ratio_cputime", "iters"}, the two timed functions)."""
+    steps, base = pair
+    for b in pair:
+        b.model.train(mode == "train")
+    make = (lambda m: inferer(m, x, setup.device)) if mode == "infer" else (lambda m: trainer(m, x, y, setup.device))
+    fns = {"steps": make(steps.model), "base": make(base.model)}
+    t = interleave(fns, setup, repeats=repeats)
+    return {"ips": {"steps": t.ips("steps", len(x)), "baseline": t.ips("base", len(x))},
+            "ratio": t.ratio("steps", "base"), "ratio_cputime": t.ratio("steps", "base", cpu=True),
+            "iters": t.iters}, fns
 
 
 def run(pair: Pair, setup: Setup) -> dict:
@@ -16,20 +33,8 @@ def run(pair: Pair, setup: Setup) -> dict:
                            "macs": {"steps": steps.macs, "baseline": base.macs},
                            "params": {"steps": steps.params, "baseline": base.params},
                            "volume": {"steps": steps.volume, "baseline": base.volume}}
-    for b in pair:
-        b.model.eval()
-    t = interleave({"steps": inferer(steps.model, x, setup.device), "base": inferer(base.model, x, setup.device)},
-                   setup)
-    out["infer"] = {"ips": {"steps": t.ips("steps", len(x)), "baseline": t.ips("base", len(x))},
-                    "ratio": t.ratio("steps", "base"), "ratio_cputime": t.ratio("steps", "base", cpu=True),
-                    "iters": t.iters}
-    for b in pair:
-        b.model.train()
-    t = interleave({"steps": trainer(steps.model, x, y, setup.device),
-                    "base": trainer(base.model, x, y, setup.device)}, setup)
-    out["train"] = {"ips": {"steps": t.ips("steps", len(x)), "baseline": t.ips("base", len(x))},
-                    "ratio": t.ratio("steps", "base"), "ratio_cputime": t.ratio("steps", "base", cpu=True),
-                    "iters": t.iters}
+    for mode in ("infer", "train"):
+        out[mode] = phase(pair, x, y, setup, mode)[0]
     log(f"throughput {steps.name}: infer {rng(out['infer']['ratio'])} "
         f"({out['infer']['ips']['steps']:.0f} vs {out['infer']['ips']['baseline']:.0f} img/s), "
         f"train {rng(out['train']['ratio'])} ({out['train']['ips']['steps']:.0f} vs "
